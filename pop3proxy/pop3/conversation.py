@@ -1,0 +1,601 @@
+"""The POP3 conversation between one client and one server, as a sans-IO state machine.
+
+Theory of operation
+-------------------
+The proxy feeds every octet it reads from the client to :meth:`Pop3Conversation.receive_client`
+and every octet it reads from the server to :meth:`Pop3Conversation.receive_server`. Each call
+returns the :mod:`events <pop3proxy.pop3.events>` those octets completed, and queues the octets
+to forward: the caller sends :meth:`take_upstream_bytes` to the server and
+:meth:`take_client_bytes` to the client. What is forwarded is exactly what was received,
+except where this module rewrites on purpose:
+
+* ``CAPA`` lines named in ``hidden_capabilities`` (``STLS``: the client side is plaintext by
+  design) are dropped;
+* commands named in ``local_replies`` (``STLS``) never reach the server; the conversation
+  answers them itself, in their place in the reply order, so pipelining stays intact.
+
+Rule 1: nothing here does I/O, reads a clock or logs. Rule 2: every state transition lives in
+``_TRANSITIONS`` below; everything else only reads ``state``.
+
+POP3 has no framing of its own: whether a reply has a body depends on the command that it
+answers and on that command's arguments (RFC 1939 section 3). Commands therefore enter a FIFO
+queue when the client sends them, and each status line from the server answers the command
+at the head of the queue. The queue is what makes RFC 2449 PIPELINING work: a client may send
+many commands in one write, and the replies come back in the same order.
+
+Message bodies are never held: a body is scanned for the CRLF.CRLF terminator (RFC 1939
+section 3; dot-stuffing guarantees it appears nowhere else) and forwarded as the read
+delivered it, whatever its size. Only status lines, CAPA lines and client lines are
+buffered, each up to a named limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pop3proxy.pop3.errors import LocalProtocolError, RemoteProtocolError
+from pop3proxy.pop3.events import (
+    BodyChunk,
+    BodyEnd,
+    CapabilityLine,
+    Command,
+    CommandCompleted,
+    ConnectionClosed,
+    Event,
+    Greeting,
+    LocalReply,
+    LoginFailed,
+    LoginSucceeded,
+    Response,
+    SaslChallenge,
+    SaslEnded,
+    SaslResponse,
+    SaslStarted,
+    Secret,
+    State,
+    Status,
+    UnsolicitedResponse,
+)
+
+__all__ = [
+    "MAX_COMMAND_LINE",
+    "MAX_SASL_LINE",
+    "MAX_STATUS_LINE",
+    "STLS_REFUSAL",
+    "Pop3Conversation",
+    "parse_status",
+]
+
+#: RFC 2449 section 4: a command line is at most 255 octets, CRLF included.
+MAX_COMMAND_LINE = 255
+#: RFC 5034 section 4 sets no bound on AUTH lines; XOAUTH2 tokens run to a few KiB.
+MAX_SASL_LINE = 8192
+#: RFC 2449 section 4 allows 512 octets per response line; real servers send longer
+#: greetings and CAPA lines, so be lenient but bounded.
+MAX_STATUS_LINE = 4096
+
+#: What a client that sends STLS gets. fetchmail >= 6.4 sends STLS even when CAPA does not
+#: offer it, and gives up on -ERR; it must be configured with ``sslproto ''``.
+STLS_REFUSAL = (
+    b"-ERR STLS is not available on this plaintext port: pop3proxy already relays the session "
+    b"to the server over TLS (fetchmail: set sslproto '')\r\n"
+)
+
+_TERMINATOR = b"\r\n.\r\n"
+_APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+>")
+
+#: Commands whose positive reply is multi-line whatever their arguments (RFC 1939, RFC 2449).
+_MULTILINE_ALWAYS = frozenset({"CAPA", "RETR", "TOP"})
+#: Commands whose positive reply is multi-line only without an argument: ``LIST`` and ``UIDL``
+#: (RFC 1939 section 5, 7), and ``AUTH`` which lists the mechanisms (RFC 1734 usage).
+_MULTILINE_WITHOUT_ARGS = frozenset({"LIST", "UIDL", "AUTH"})
+#: Commands whose arguments are all secret. RPOP (RFC 1081) is obsolete but carries a
+#: credential-like token.
+_ALL_ARGS_SECRET = frozenset({"PASS", "RPOP"})
+
+#: Pseudo verb for the state table: AUTH with a mechanism is a login, AUTH alone is a listing.
+_SASL = "AUTH <mechanism>"
+
+#: (state, verb, positive reply) -> new state. RFC 1939 sections 4-6, RFC 5034 section 4.
+_TRANSITIONS: Mapping[tuple[State, str, bool], State] = {
+    (State.AUTHORIZATION, "PASS", True): State.TRANSACTION,
+    (State.AUTHORIZATION, "APOP", True): State.TRANSACTION,
+    (State.AUTHORIZATION, _SASL, True): State.TRANSACTION,
+    (State.AUTHORIZATION, "QUIT", True): State.CLOSED,
+    (State.TRANSACTION, "QUIT", True): State.UPDATE,
+}
+#: Verbs whose reply decides a login (RFC 1939 section 7, RFC 5034).
+_LOGIN_VERBS = frozenset({"PASS", "APOP", _SASL})
+
+
+def parse_status(line: bytes) -> Status | None:
+    """Parse a ``+OK``/``-ERR`` line, with its RFC 2449 section 8 response code; None if neither."""
+    text = line.rstrip(b"\r\n")
+    head = text[:4].upper()
+    if head.startswith(b"+OK"):
+        ok, rest = True, text[3:]
+    elif head == b"-ERR":
+        ok, rest = False, text[4:]
+    else:
+        return None
+    rest = rest.lstrip(b" ")
+    code: str | None = None
+    if rest.startswith(b"["):
+        end = rest.find(b"]")
+        if end > 1:
+            code = rest[1:end].decode("ascii", "replace")
+            rest = rest[end + 1 :].lstrip(b" ")
+    return Status(ok=ok, code=code, text=rest.decode("utf-8", "replace"))
+
+
+def _is_sasl_challenge(line: bytes) -> bool:
+    """A continuation request, ``+`` [SP base64] CRLF, not ``+OK`` (RFC 5034 section 4)."""
+    return line.startswith(b"+") and line[:3].upper() != b"+OK"
+
+
+def _plain_user(raw: bytes) -> bytes | None:
+    parts = raw.split(b"\0")  # authzid NUL authcid NUL passwd (RFC 4616 section 2)
+    return parts[1] if len(parts) == 3 else None
+
+
+def _cram_md5_user(raw: bytes) -> bytes | None:
+    user, _, _digest = raw.rpartition(b" ")  # user SP digest (RFC 2195 section 2)
+    return user or None
+
+
+def _xoauth2_user(raw: bytes) -> bytes | None:
+    first = raw.split(b"\x01", 1)[0]  # user=...^Aauth=Bearer ...^A^A
+    return first[5:] if first.startswith(b"user=") else None
+
+
+#: How to read the user name from the first client SASL message of each mechanism.
+_SASL_USER_READERS = {
+    "PLAIN": _plain_user,
+    "LOGIN": lambda raw: raw,
+    "CRAM-MD5": _cram_md5_user,
+    "XOAUTH2": _xoauth2_user,
+}
+
+
+def _sasl_user(mechanism: str, first_client_data: Secret | None) -> str | None:
+    """The user name carried in the first SASL message, for logging; never the credential."""
+    reader = _SASL_USER_READERS.get(mechanism)
+    if reader is None or first_client_data is None:
+        return None
+    try:
+        raw = base64.b64decode(first_client_data.reveal(), validate=True)
+        user = reader(raw)
+        return user.decode("utf-8") if user else None
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A command waiting for its reply, with what its reply needs to be understood."""
+
+    command: Command
+    multiline: bool
+    #: Bytes the proxy answers with instead of the server, or None.
+    local_reply: bytes | None = None
+    #: For AUTH with a mechanism: the SASL exchange.
+    mechanism: str | None = None
+    sasl_first: Secret | None = None
+    sasl_lines_sent: int = 0
+    sasl_challenges: int = 0
+    sasl_cancelled: bool = False
+    reply_octets: int = 0
+    #: The status line of a multi-line reply, kept until its body ends.
+    status: Status | None = None
+
+
+class Pop3Conversation:
+    """Both directions of one POP3 session, seen from the middle.
+
+    Args:
+        hidden_capabilities: CAPA lines (by capability name) removed from what the client
+            sees. Default: ``STLS``, because the client side is plaintext (RFC 2595 section 4).
+        local_replies: verbs the proxy answers itself, mapped to the complete reply line.
+            Default: ``STLS`` answered with :data:`STLS_REFUSAL`.
+        max_command_line: client command line limit, CRLF included (RFC 2449 section 4).
+        max_sasl_line: limit for ``AUTH`` command lines and SASL continuation lines.
+        max_status_line: limit for server status lines and CAPA lines.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_capabilities: frozenset[str] = frozenset({"STLS"}),
+        local_replies: Mapping[str, bytes] | None = None,
+        max_command_line: int = MAX_COMMAND_LINE,
+        max_sasl_line: int = MAX_SASL_LINE,
+        max_status_line: int = MAX_STATUS_LINE,
+    ) -> None:
+        self._hidden = frozenset(c.upper() for c in hidden_capabilities)
+        replies = {"STLS": STLS_REFUSAL} if local_replies is None else local_replies
+        self._local_replies = {verb.upper(): line for verb, line in replies.items()}
+        self._max_command_line = max_command_line
+        self._max_sasl_line = max_sasl_line
+        self._max_status_line = max_status_line
+
+        #: RFC 1939 section 3 state, as far as the replies have shown it.
+        self.state = State.GREETING
+        #: The user name of the current or last login attempt (PII, not a secret).
+        self.user: str | None = None
+        self._seq = 0
+        self._pending: deque[_Pending] = deque()
+        self._open_auth: _Pending | None = None
+        self._client_buf = bytearray()
+        self._server_buf = bytearray()
+        #: The multi-line reply being relayed, and how: CAPA line by line, the rest streamed.
+        self._body: _Pending | None = None
+        self._body_by_line = False
+        self._tail = b""
+        self._to_server: list[tuple[int, bytes]] = []
+        self._to_client: list[bytes] = []
+        self._broken = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def pending(self) -> int:
+        """Commands sent by the client whose reply has not been completed."""
+        return len(self._pending)
+
+    def receive_client(self, data: bytes) -> list[Event]:
+        """Feed octets from the client; return the events they complete.
+
+        Raises:
+            RemoteProtocolError: a client line is over its limit.
+        """
+        self._check_usable()
+        events: list[Event] = []
+        buf = self._client_buf
+        buf += data
+        start = 0
+        try:
+            while True:
+                newline = buf.find(b"\n", start)
+                if newline < 0:
+                    self._check_client_line(bytes(buf[start : start + 5]), len(buf) - start)
+                    break
+                line = bytes(buf[start : newline + 1])
+                start = newline + 1
+                self._check_client_line(line, len(line))
+                self._client_line(line, events)
+        finally:
+            del buf[:start]
+        return events
+
+    def receive_server(self, data: bytes) -> list[Event]:
+        """Feed octets from the server; return the events they complete.
+
+        Raises:
+            RemoteProtocolError: the server sent something that is not POP3.
+        """
+        self._check_usable()
+        events: list[Event] = []
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._body is not None and not self._body_by_line:
+                pos = self._stream_body(data, pos, events)
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._server_buf += data[pos:]
+                self._check_server_line(len(self._server_buf))
+                break
+            if self._server_buf:
+                line = bytes(self._server_buf) + data[pos : newline + 1]
+                self._server_buf.clear()
+            else:
+                line = data[pos : newline + 1]
+            pos = newline + 1
+            self._check_server_line(len(line))
+            self._server_line(line, events)
+        return events
+
+    def client_closed(self) -> list[Event]:
+        """The client closed its side; clean when no reply was outstanding."""
+        clean = not self._pending and not self._client_buf
+        return [ConnectionClosed(side="client", clean=clean, state=self.state)]
+
+    def server_closed(self) -> list[Event]:
+        """The server closed its side.
+
+        Clean when nothing was cut short: no command waiting, no reply half sent. This is
+        how the caller tells a server that closes after ``+OK`` to QUIT without a TLS
+        close_notify (common, harmless) from a truncated reply (an error).
+        """
+        clean = not self._pending and not self._server_buf and self._body is None
+        self.state = State.CLOSED
+        return [ConnectionClosed(side="server", clean=clean, state=self.state)]
+
+    def take_upstream_bytes(self) -> bytes:
+        """Octets to send to the server, in order; empties the queue."""
+        if not self._to_server:
+            return b""
+        data = b"".join(chunk for _seq, chunk in self._to_server)
+        self._to_server.clear()
+        return data
+
+    def take_client_bytes(self) -> bytes:
+        """Octets to send to the client, in order; empties the queue."""
+        out = self._to_client
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    def answer_locally(self, command: Command, reply: bytes) -> list[Event]:
+        """Answer ``command`` with ``reply`` instead of sending it to the server.
+
+        For the caller's own policies (e.g. refusing a login by network). Must be called
+        before the command's octets were taken with :meth:`take_upstream_bytes`. The reply
+        still goes out in the command's place among the replies.
+        """
+        kept = [(seq, chunk) for seq, chunk in self._to_server if seq != command.seq]
+        if len(kept) == len(self._to_server):
+            raise LocalProtocolError("command already sent upstream or unknown")
+        self._to_server = kept
+        for item in self._pending:
+            if item.command.seq == command.seq:
+                item.local_reply = reply
+                if self._open_auth is item:
+                    self._open_auth = None
+                break
+        events: list[Event] = []
+        self._flush_local_replies(events)
+        return events
+
+    # ------------------------------------------------------------------ client side
+
+    def _check_client_line(self, head: bytes, length: int) -> None:
+        in_sasl = self._open_auth is not None or head[:5].upper() == b"AUTH "
+        limit = self._max_sasl_line if in_sasl else self._max_command_line
+        if length > limit:
+            self._broken = True
+            raise RemoteProtocolError(
+                f"command line longer than {limit} octets",
+                side="client",
+                reply_hint=f"-ERR command line too long (limit {limit} octets)\r\n".encode(),
+            )
+
+    def _client_line(self, line: bytes, events: list[Event]) -> None:
+        auth = self._open_auth
+        if auth is not None:
+            self._sasl_client_line(auth, line, events)
+            return
+        self._seq += 1
+        command = _parse_command(self._seq, line)
+        verb = command.verb
+        multiline = verb in _MULTILINE_ALWAYS or (
+            verb in _MULTILINE_WITHOUT_ARGS and not command.args
+        )
+        pending = _Pending(command=command, multiline=multiline)
+        events.append(command)
+        self._pending.append(pending)
+        if verb in self._local_replies:
+            pending.local_reply = self._local_replies[verb]
+            self._flush_local_replies(events)
+            return
+        if verb == "AUTH" and command.args:
+            pending.mechanism = str(command.args[0]).upper()
+            initial = command.args[1] if len(command.args) > 1 else None
+            pending.sasl_first = initial if isinstance(initial, Secret) else None
+            self._open_auth = pending
+            events.append(
+                SaslStarted(command, pending.mechanism, initial_response=initial is not None)
+            )
+        elif verb in {"USER", "APOP"} and command.args:
+            self.user = str(command.args[0])
+        self._to_server.append((command.seq, line))
+
+    def _sasl_client_line(self, auth: _Pending, line: bytes, events: list[Event]) -> None:
+        data = Secret(line.rstrip(b"\r\n").decode("utf-8", "replace"))
+        cancelled = data.reveal() == "*"
+        auth.sasl_lines_sent += 1
+        auth.sasl_cancelled = auth.sasl_cancelled or cancelled
+        if auth.sasl_first is None and not cancelled:
+            auth.sasl_first = data
+        events.append(SaslResponse(auth.command, data, cancelled=cancelled))
+        self._to_server.append((auth.command.seq, line))
+
+    # ------------------------------------------------------------------ server side
+
+    def _check_server_line(self, length: int) -> None:
+        limit = self._max_status_line
+        if length > limit:
+            self._broken = True
+            raise RemoteProtocolError(
+                f"server line longer than {limit} octets",
+                side="server",
+                reply_hint=b"-ERR [SYS/TEMP] the mail server sent an invalid reply\r\n",
+            )
+
+    def _server_line(self, line: bytes, events: list[Event]) -> None:
+        if self._body is not None:
+            self._capa_line(self._body, line, events)
+            return
+        if self.state is State.GREETING:
+            status = self._require_status(line)
+            events.append(Greeting(status, _apop_timestamp(line)))
+            self._to_client.append(line)
+            self.state = State.AUTHORIZATION if status.ok else State.CLOSED
+            self._flush_local_replies(events)
+            return
+        if not self._pending:
+            events.append(UnsolicitedResponse(self._require_status(line)))
+            self._to_client.append(line)
+            return
+        head = self._pending[0]
+        head.reply_octets += len(line)
+        self._to_client.append(line)
+        if head.mechanism is not None and _is_sasl_challenge(line):
+            head.sasl_challenges += 1
+            events.append(SaslChallenge(head.command))
+            return
+        status = self._require_status(line)
+        multiline = status.ok and head.multiline
+        events.append(Response(head.command, status, multiline))
+        if multiline:
+            head.status = status
+            self._body = head
+            self._body_by_line = head.command.verb == "CAPA"
+            self._tail = line[-4:]
+        else:
+            self._complete(status, events)
+
+    def _capa_line(self, head: _Pending, line: bytes, events: list[Event]) -> None:
+        """One line of a CAPA body (RFC 2449 section 5), filtered by ``hidden_capabilities``."""
+        if line in (b".\r\n", b".\n"):
+            head.reply_octets += len(line)
+            self._to_client.append(line)
+            self._end_body(events)
+            return
+        words = line.rstrip(b"\r\n").decode("utf-8", "replace").split()
+        name = words[0].upper() if words else ""
+        hidden = name in self._hidden
+        events.append(CapabilityLine(head.command, name, tuple(words[1:]), hidden))
+        if not hidden:
+            head.reply_octets += len(line)
+            self._to_client.append(line)
+
+    def _stream_body(self, data: bytes, pos: int, events: list[Event]) -> int:
+        """Forward body octets from ``data[pos:]`` up to the terminator; return where it stopped.
+
+        Only the last four octets of the body so far are kept, to find a terminator split
+        across two reads; the body itself is never copied into a buffer.
+        """
+        head = self._body
+        if head is None:  # pragma: no cover - guarded by the caller
+            raise LocalProtocolError("no body in progress")
+        tail = self._tail
+        probe = tail + data[pos : pos + 4]
+        found = probe.find(_TERMINATOR)
+        if found >= 0:
+            end = pos + found + len(_TERMINATOR) - len(tail)
+        else:
+            found = data.find(_TERMINATOR, pos)
+            end = found + len(_TERMINATOR) if found >= 0 else -1
+        if end < 0:
+            chunk = data if pos == 0 else data[pos:]
+            self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
+            head.reply_octets += len(chunk)
+            self._to_client.append(chunk)
+            events.append(BodyChunk(head.command, chunk))
+            return len(data)
+        chunk = data[pos:end]
+        head.reply_octets += len(chunk)
+        self._to_client.append(chunk)
+        body = data[pos : end - 3]
+        if body:
+            events.append(BodyChunk(head.command, body))
+        self._end_body(events)
+        return end
+
+    def _end_body(self, events: list[Event]) -> None:
+        head = self._body
+        if head is None:  # pragma: no cover - guarded by the callers
+            raise LocalProtocolError("no body in progress")
+        self._body = None
+        self._tail = b""
+        events.append(BodyEnd(head.command))
+        self._complete(head.status or Status(ok=True, code=None, text=""), events)
+
+    def _complete(self, status: Status, events: list[Event]) -> None:
+        """The head command's reply is complete: apply its effects, then release local replies."""
+        head = self._pending.popleft()
+        command = head.command
+        verb = _SASL if head.mechanism is not None else command.verb
+        if head.mechanism is not None:
+            self._end_sasl(head, status, events)
+        elif verb == "PASS":
+            self._login_result(status, "USER", self.user, events)
+        elif verb == "APOP":
+            self._login_result(status, "APOP", self.user, events)
+        elif verb == "USER" and not status.ok:
+            self.user = None
+        self.state = _TRANSITIONS.get((self.state, verb, status.ok), self.state)
+        events.append(CommandCompleted(command, status, head.reply_octets))
+        self._flush_local_replies(events)
+
+    def _end_sasl(self, head: _Pending, status: Status, events: list[Event]) -> None:
+        mechanism = head.mechanism or ""
+        if self._open_auth is head:
+            self._open_auth = None
+        events.append(SaslEnded(head.command, mechanism, status, cancelled=head.sasl_cancelled))
+        self.user = _sasl_user(mechanism, head.sasl_first)
+        self._login_result(status, mechanism, self.user, events)
+        # Lines the client sent that no challenge asked for are read by the server as
+        # commands; queue them so that their replies are matched (RFC 5034 forbids this,
+        # but a confused client must not desynchronise the queue).
+        for _ in range(max(0, head.sasl_lines_sent - head.sasl_challenges)):
+            self._seq += 1
+            orphan = Command(self._seq, "", (Secret("unsolicited SASL line"),))
+            self._pending.appendleft(_Pending(command=orphan, multiline=False))
+
+    def _login_result(
+        self, status: Status, mechanism: str, user: str | None, events: list[Event]
+    ) -> None:
+        if status.ok:
+            events.append(LoginSucceeded(user=user, mechanism=mechanism))
+        else:
+            events.append(LoginFailed(user=user, mechanism=mechanism, status=status))
+
+    def _flush_local_replies(self, events: list[Event]) -> None:
+        """Send the replies the proxy owes, once every earlier reply has gone out."""
+        if self.state is State.GREETING:
+            return
+        while self._pending and self._pending[0].local_reply is not None and self._body is None:
+            head = self._pending.popleft()
+            reply = head.local_reply or b""
+            status = parse_status(reply) or Status(ok=False, code=None, text="")
+            self._to_client.append(reply)
+            events.append(LocalReply(head.command, status))
+            events.append(CommandCompleted(head.command, status, len(reply)))
+
+    def _require_status(self, line: bytes) -> Status:
+        status = parse_status(line)
+        if status is None:
+            self._broken = True
+            raise RemoteProtocolError(
+                "server line is neither +OK nor -ERR",
+                side="server",
+                reply_hint=b"-ERR [SYS/TEMP] the mail server sent an invalid reply\r\n",
+            )
+        return status
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise LocalProtocolError("conversation already failed with a protocol error")
+
+
+def _parse_command(seq: int, line: bytes) -> Command:
+    """Split a command line into verb and arguments, marking secrets (RFC 1939 section 3)."""
+    text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+    verb, _, rest = text.partition(" ")
+    verb = verb.upper()
+    if verb in _ALL_ARGS_SECRET:
+        # RFC 1939 section 7: a password may contain spaces; it is the rest of the line.
+        return Command(seq, verb, (Secret(rest),) if rest else ())
+    words = rest.split()
+    args: tuple[str | Secret, ...]
+    if verb == "APOP" and len(words) >= 2:
+        args = (*words[:-1], Secret(words[-1]))
+    elif verb == "AUTH" and len(words) >= 2:
+        args = (words[0], *(Secret(w) for w in words[1:]))
+    else:
+        args = tuple(words)
+    return Command(seq, verb, args)
+
+
+def _apop_timestamp(line: bytes) -> str | None:
+    match = _APOP_TIMESTAMP.search(line)
+    return match.group().decode("ascii", "replace") if match else None
