@@ -1,0 +1,107 @@
+"""Structured logging: one JSON object per line on stdout, and a redaction backstop.
+
+Which values are secret is decided by the POP3 engine (it wraps them in
+:class:`~pop3proxy.pop3.Secret`, including SASL continuation lines, which only the state
+machine can recognise). :func:`redact_secrets` is the last processor before rendering
+and catches what slipped through anyway: a ``Secret`` object, a key that names a
+credential, or a string that looks like a raw ``PASS``/``APOP``/``AUTH`` line.
+Tracebacks are rendered without local variables, which could hold a password.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import Processor
+
+from pop3proxy.pop3 import Secret
+
+__all__ = ["LEVELS", "configure_logging", "redact_secrets"]
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+_REDACTED = "***"
+_SECRET_KEYS = frozenset(
+    {"password", "pass", "passwd", "secret", "sasl", "auth_data", "authorization", "apop_digest"}
+)
+_SECRET_LINE = re.compile(r"^\s*(PASS|RPOP|APOP\s+\S+|AUTH\s+\S+)\s+\S", re.IGNORECASE)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return _REDACTED
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("latin-1")
+    if isinstance(value, str):
+        return "[REDACTED LINE]" if _SECRET_LINE.match(value) else value
+    if isinstance(value, list | tuple):
+        return [_scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {k: _REDACTED if k in _SECRET_KEYS else _scrub(v) for k, v in value.items()}
+    return value
+
+
+def redact_secrets(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: the backstop that masks anything credential-shaped."""
+    for key, value in event_dict.items():
+        event_dict[key] = _REDACTED if key in _SECRET_KEYS else _scrub(value)
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = sys.stdout) -> None:
+    """Configure structlog and route stdlib logging (trio, trio-websocket) the same way.
+
+    Args:
+        level: ``debug``, ``info``, ``warning`` or ``error``.
+        fmt: ``json``; ``console`` for people; ``auto`` picks console on a terminal.
+        stream: where lines go; stdout in production (containers collect it).
+    """
+    use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Processor
+    exceptions: list[Processor]
+    if use_console:
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        exceptions = []
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        exceptions = [
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        ]
+    structlog.configure(
+        processors=[*shared, *exceptions, redact_secrets, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, *exceptions],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redact_secrets,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])

@@ -1,0 +1,404 @@
+"""One proxied POP3 session: the trio half of the design.
+
+The handler accepts a plaintext client, opens verified TLS to the upstream, and runs two
+pumps (client to upstream, upstream to client) plus an idle watchdog in one nursery. The
+pumps only move octets: :class:`~pop3proxy.pop3.Pop3Conversation` decides what each octet
+means and what to forward, and its events become log lines here.
+
+:meth:`Proxy.handle_client` is the error boundary: whatever goes wrong in one session is
+logged once and ends that session only; nothing reaches the listener
+(``trio.serve_listeners`` would let a handler's exception tear down every session).
+
+Memory per session is bounded whatever the message size: one client read
+(:data:`CLIENT_RECEIVE_SIZE`), one upstream batch (:data:`UPSTREAM_BATCH_LIMIT` of plaintext
+plus the socket read trio's ``SSLStream`` buffers), and the engine's line buffers. Bodies are
+forwarded as they arrive; ``send_all`` to a slow client blocks the upstream pump, so the
+upstream's TCP window, not our memory, absorbs the difference (back-pressure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from pop3proxy.config import Settings
+from pop3proxy.pop3 import (
+    CapabilityLine,
+    Command,
+    CommandCompleted,
+    ConnectionClosed,
+    Event,
+    Greeting,
+    LocalReply,
+    LoginFailed,
+    LoginSucceeded,
+    Pop3Conversation,
+    RemoteProtocolError,
+    SaslEnded,
+    SaslStarted,
+    UnsolicitedResponse,
+)
+from pop3proxy.tls import UpstreamError, describe_peer, open_upstream, read_buffered_plaintext
+
+__all__ = ["CLIENT_RECEIVE_SIZE", "UPSTREAM_BATCH_LIMIT", "Proxy", "format_address"]
+
+log = structlog.get_logger("pop3proxy.relay")
+
+#: Octets read from the client per call; clients send short command lines.
+CLIENT_RECEIVE_SIZE = 16 * 1024
+#: Most plaintext gathered from already-received TLS records before one send to the client.
+UPSTREAM_BATCH_LIMIT = 256 * 1024
+#: How long closing a connection politely (TLS close_notify) may take.
+CLOSE_TIMEOUT = 2.0
+
+_Stream = trio.SocketStream
+_TLSStream = trio.SSLStream[trio.SocketStream]
+
+
+def format_address(sockaddr: Any) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """Totals for the closing log line (the "canonical log line" of the session)."""
+
+    bytes_from_client: int = 0
+    bytes_to_client: int = 0
+    bytes_from_upstream: int = 0
+    bytes_to_upstream: int = 0
+    commands: int = 0
+    user: str | None = None
+    tls_version: str | None = None
+    command_started: dict[int, float] = field(default_factory=dict)
+
+
+class Proxy:
+    """Serves POP3 clients on behalf of one upstream; one instance per listener set.
+
+    Args:
+        settings: validated settings (upstream, timeouts).
+        context: the upstream TLS context, built once (:func:`pop3proxy.tls.make_upstream_context`).
+        listener: the listening address, for the logs.
+    """
+
+    def __init__(self, settings: Settings, context: ssl.SSLContext, listener: str) -> None:
+        if settings.upstream is None:
+            raise ValueError("settings.upstream is required")
+        self.settings = settings
+        self.upstream = settings.upstream
+        self.context = context
+        self.listener = listener
+
+    async def handle_client(self, client: _Stream) -> None:
+        """Run one session from accept to close; never raises (the error boundary)."""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(session_id=secrets.token_hex(4))
+        started = trio.current_time()
+        stats = SessionStats()
+        reason = "shutdown"  # kept only if the session is cancelled from outside
+        try:
+            peer = format_address(client.socket.getpeername())
+        except OSError:
+            peer = "unknown"
+        log.info("session.opened", client=peer, listener=self.listener)
+        try:
+            reason = await self._run_session(client, stats)
+        except Exception as exc:  # the error boundary: one broken session never spreads
+            reason = "internal_error"
+            log.error("session.error", error_type=type(exc).__name__, exc_info=True)
+            await _send_quietly(client, b"-ERR [SYS/TEMP] internal proxy error\r\n")
+        finally:
+            await trio.aclose_forcefully(client)
+            log.info(
+                "session.closed",
+                reason=reason,
+                user=stats.user,
+                commands=stats.commands,
+                bytes_from_client=stats.bytes_from_client,
+                bytes_to_client=stats.bytes_to_client,
+                bytes_from_upstream=stats.bytes_from_upstream,
+                bytes_to_upstream=stats.bytes_to_upstream,
+                tls_version=stats.tls_version,
+                duration_s=round(trio.current_time() - started, 3),
+            )
+
+    async def _run_session(self, client: _Stream, stats: SessionStats) -> str:
+        settings = self.settings
+        try:
+            upstream = await open_upstream(
+                self.upstream.host,
+                self.upstream.port,
+                server_name=settings.tls_server_name,
+                context=self.context,
+                connect_timeout=settings.connect_timeout,
+                handshake_timeout=settings.handshake_timeout,
+            )
+        except UpstreamError as exc:
+            log.warning(
+                "upstream.failed",
+                upstream=str(self.upstream),
+                phase=exc.phase,
+                reason=exc.reason,
+                error=exc.message,
+            )
+            reply = f"-ERR [SYS/TEMP] mail server unavailable ({exc.reason}), try again later\r\n"
+            stats.bytes_to_client += await _send_quietly(client, reply.encode())
+            return "upstream_failed"
+        peer = describe_peer(upstream)
+        stats.tls_version = peer["tls_version"]
+        log.info("upstream.tls_established", upstream=str(self.upstream), **peer)
+        try:
+            return await _Relay(client, upstream, stats, settings.idle_timeout).run()
+        finally:
+            with (
+                trio.move_on_after(CLOSE_TIMEOUT, shield=True),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await upstream.aclose()
+            await trio.aclose_forcefully(upstream)
+
+
+async def _send_quietly(stream: _Stream, data: bytes) -> int:
+    """Best-effort send of a last line to a client that may already be gone."""
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return 0
+        return len(data)
+    return 0
+
+
+class _Relay:
+    """The two pumps and the watchdog of an established session."""
+
+    def __init__(
+        self, client: _Stream, upstream: _TLSStream, stats: SessionStats, idle_timeout: float
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.stats = stats
+        self.idle_timeout = idle_timeout
+        self.conversation = Pop3Conversation()
+        self.client_send_lock = trio.StrictFIFOLock()
+        self.last_activity = trio.current_time()
+        self.client_eof = False
+        self.reason: str | None = None
+        self.cancel_scope = trio.CancelScope()
+        self.observers: dict[type[Event], Callable[[Any], None]] = {
+            Command: self._on_command,
+            CommandCompleted: self._on_completed,
+            LoginSucceeded: self._on_login_ok,
+            LoginFailed: self._on_login_failed,
+            Greeting: self._on_greeting,
+            LocalReply: self._on_local_reply,
+            UnsolicitedResponse: self._on_unsolicited,
+            SaslStarted: self._on_sasl_started,
+            SaslEnded: self._on_sasl_ended,
+            CapabilityLine: self._on_capability,
+        }
+
+    async def run(self) -> str:
+        with self.cancel_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._client_to_upstream)
+                nursery.start_soon(self._upstream_to_client)
+                nursery.start_soon(self._idle_watchdog)
+        return self.reason or "closed"
+
+    def _finish(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------ pumps
+
+    async def _client_to_upstream(self) -> None:
+        conversation, stats = self.conversation, self.stats
+        while True:
+            try:
+                data = bytes(await self.client.receive_some(CLIENT_RECEIVE_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._finish("client_reset")
+                return
+            self.last_activity = trio.current_time()
+            if not data:
+                self._observe(conversation.client_closed())
+                self.client_eof = True
+                if not conversation.pending:
+                    self._finish("client_closed")
+                return
+            stats.bytes_from_client += len(data)
+            try:
+                events = conversation.receive_client(data)
+            except RemoteProtocolError as exc:
+                await self._protocol_error(exc)
+                return
+            self._observe(events)
+            outgoing = conversation.take_upstream_bytes()
+            if outgoing:
+                try:
+                    await self.upstream.send_all(outgoing)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._finish("upstream_reset")
+                    return
+                stats.bytes_to_upstream += len(outgoing)
+            await self._flush_to_client()
+
+    async def _upstream_to_client(self) -> None:
+        conversation, stats, upstream = self.conversation, self.stats, self.upstream
+        while True:
+            try:
+                data = await upstream.receive_some(CLIENT_RECEIVE_SIZE)
+            except trio.BrokenResourceError:
+                # No TLS close_notify. Harmless after +OK to QUIT (many servers just close);
+                # anywhere else the reply was cut short.
+                self._upstream_closed(tls_close_notify=False)
+                return
+            if not data:
+                self._upstream_closed(tls_close_notify=True)
+                return
+            if isinstance(data, bytearray):  # SSLObject.read gives bytes; keep mypy honest
+                data = bytes(data)
+            more = read_buffered_plaintext(upstream, UPSTREAM_BATCH_LIMIT)
+            if more:
+                data += more
+            self.last_activity = trio.current_time()
+            stats.bytes_from_upstream += len(data)
+            try:
+                events = conversation.receive_server(data)
+            except RemoteProtocolError as exc:
+                await self._protocol_error(exc)
+                return
+            self._observe(events)
+            await self._flush_to_client()
+            if self.client_eof and not conversation.pending:
+                self._finish("client_closed")
+                return
+
+    async def _flush_to_client(self) -> None:
+        """Send what the conversation owes the client; one writer at a time keeps the order."""
+        async with self.client_send_lock:
+            outgoing = self.conversation.take_client_bytes()
+            if not outgoing:
+                return
+            try:
+                await self.client.send_all(outgoing)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._finish("client_reset")
+                return
+            self.stats.bytes_to_client += len(outgoing)
+            self.last_activity = trio.current_time()
+
+    def _upstream_closed(self, *, tls_close_notify: bool) -> None:
+        events = self.conversation.server_closed()
+        if all(e.clean for e in events if isinstance(e, ConnectionClosed)):
+            self._finish("upstream_closed")
+            return
+        log.warning(
+            "upstream.truncated",
+            state=self.conversation.state.value,
+            pending=self.conversation.pending,
+            tls_close_notify=tls_close_notify,
+        )
+        self._finish("upstream_truncated")
+
+    async def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        log.warning("pop3.protocol_error", side=exc.side, error=exc.reason)
+        async with self.client_send_lock:
+            self.stats.bytes_to_client += await _send_quietly(self.client, exc.reply_hint)
+        self._finish(f"{exc.side}_protocol_error")
+
+    async def _idle_watchdog(self) -> None:
+        """RFC 1939 section 3: autologout only after at least 10 minutes without traffic.
+
+        Idle means no octet in either direction, so a client slowly reading a large
+        message is never idle.
+        """
+        while True:
+            deadline = self.last_activity + self.idle_timeout
+            if trio.current_time() >= deadline:
+                log.info("session.idle_timeout", idle_timeout_s=self.idle_timeout)
+                self._finish("idle_timeout")
+                return
+            await trio.sleep_until(deadline)
+
+    # ------------------------------------------------------------------ events to logs
+
+    def _observe(self, events: list[Event]) -> None:
+        observers = self.observers
+        for event in events:
+            observer = observers.get(type(event))
+            if observer is not None:
+                observer(event)
+
+    def _on_command(self, event: Command) -> None:
+        self.stats.commands += 1
+        self.stats.command_started[event.seq] = trio.current_time()
+
+    def _on_completed(self, event: CommandCompleted) -> None:
+        command, status = event.command, event.status
+        started = self.stats.command_started.pop(command.seq, None)
+        duration = trio.current_time() - started if started is not None else 0.0
+        log.info(
+            "pop3.command",
+            verb=command.verb,
+            args=command.loggable_args(),
+            status=status.indicator,
+            code=status.code,
+            reply_octets=event.reply_octets,
+            duration_ms=round(duration * 1000, 3),
+        )
+
+    def _on_login_ok(self, event: LoginSucceeded) -> None:
+        self.stats.user = event.user
+        log.info("pop3.login", user=event.user, mechanism=event.mechanism, result="success")
+
+    def _on_login_failed(self, event: LoginFailed) -> None:
+        log.info(
+            "pop3.login",
+            user=event.user,
+            mechanism=event.mechanism,
+            result="failure",
+            code=event.status.code,
+        )
+
+    def _on_greeting(self, event: Greeting) -> None:
+        log.debug(
+            "pop3.greeting",
+            status=event.status.indicator,
+            apop=event.apop_timestamp is not None,
+        )
+
+    def _on_local_reply(self, event: LocalReply) -> None:
+        log.info("pop3.local_reply", verb=event.command.verb, status=event.status.indicator)
+
+    def _on_unsolicited(self, event: UnsolicitedResponse) -> None:
+        status = event.status
+        log.info("pop3.unsolicited", status=status.indicator, code=status.code, text=status.text)
+
+    def _on_sasl_started(self, event: SaslStarted) -> None:
+        log.debug(
+            "pop3.sasl_started", mechanism=event.mechanism, initial_response=event.initial_response
+        )
+
+    def _on_sasl_ended(self, event: SaslEnded) -> None:
+        log.debug(
+            "pop3.sasl_ended",
+            mechanism=event.mechanism,
+            status=event.status.indicator,
+            cancelled=event.cancelled,
+        )
+
+    def _on_capability(self, event: CapabilityLine) -> None:
+        if event.hidden:
+            log.debug("pop3.capability_hidden", capability=event.name)

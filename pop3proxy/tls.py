@@ -1,0 +1,216 @@
+"""TLS to the upstream POP3S server (RFC 8314 implicit TLS): context, connect, describe, classify.
+
+Verification is always on: the chain is checked against the system store or the configured
+CA file, and the host name against ``tls_server_name``, which is always passed to
+:class:`trio.SSLStream` (without it, ``wrap_bio`` silently skips the host name check).
+TLS 1.2 is the floor (RFC 8314 section 4.1, RFC 8996). ``SSLKEYLOGFILE`` is ignored: a stray
+environment variable must never write the session keys of mailbox passwords to disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import socket
+import ssl
+from pathlib import Path
+
+import trio
+from cryptography import x509
+
+__all__ = [
+    "UpstreamError",
+    "describe_peer",
+    "make_upstream_context",
+    "open_upstream",
+    "read_buffered_plaintext",
+]
+
+_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+#: OpenSSL X509_V_ERR_* codes (x509_vfy.h) grouped into the reasons pop3proxy reports.
+_VERIFY_REASONS = {
+    2: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT
+    18: "unknown_ca",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "unknown_ca",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "unknown_ca",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    9: "expired",  # CERT_NOT_YET_VALID: outside its validity period all the same
+    10: "expired",  # CERT_HAS_EXPIRED
+    62: "hostname_mismatch",  # HOSTNAME_MISMATCH
+    64: "hostname_mismatch",  # IP_ADDRESS_MISMATCH
+}
+#: OpenSSL reason strings that mean "no TLS version in common".
+_VERSION_REASONS = frozenset(
+    {
+        "UNSUPPORTED_PROTOCOL",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "NO_PROTOCOLS_AVAILABLE",
+        "WRONG_SSL_VERSION",
+        "WRONG_VERSION_NUMBER",
+    }
+)
+
+
+class UpstreamError(Exception):
+    """Connecting to the upstream failed; safe to log.
+
+    Attributes:
+        phase: ``"connect"`` or ``"handshake"``.
+        reason: a stable class for logs and metrics: ``refused``, ``unreachable``, ``timeout``,
+            ``dns``, ``unknown_ca``, ``hostname_mismatch``, ``expired``, ``tls_version``,
+            ``tls_error``, ``closed``.
+        message: the verifier's or the system's own words.
+    """
+
+    def __init__(self, phase: str, reason: str, message: str) -> None:
+        super().__init__(phase, reason, message)
+        self.phase = phase
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.phase} failed ({self.reason}): {self.message}"
+
+
+def make_upstream_context(ca_file: Path | None, min_version: str = "1.2") -> ssl.SSLContext:
+    """Build the client context once at start-up; it is shared by all sessions.
+
+    With ``ca_file`` the system store is replaced by that CA: a private CA is the usual
+    reason to set it, and trusting both would widen who may impersonate the server.
+    """
+    if ca_file is None:
+        context = ssl.create_default_context()
+    else:
+        context = ssl.create_default_context(cafile=str(ca_file))
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = _TLS_VERSIONS[min_version]
+    # A peer that drops TCP without close_notify must show up as such (truncation).
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    context.keylog_filename = None  # type: ignore[assignment]  # typeshed lacks None
+    return context
+
+
+async def open_upstream(
+    host: str,
+    port: int,
+    *,
+    server_name: str,
+    context: ssl.SSLContext,
+    connect_timeout: float,
+    handshake_timeout: float,
+) -> trio.SSLStream[trio.SocketStream]:
+    """Connect and complete the TLS handshake, each under its own deadline.
+
+    Raises:
+        UpstreamError: classified; the half-open connection is already closed.
+    """
+    try:
+        with trio.fail_after(connect_timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise UpstreamError(
+            "connect", "timeout", f"no connection within {connect_timeout:g}s"
+        ) from None
+    except OSError as exc:
+        raise UpstreamError("connect", _connect_reason(exc), _os_message(exc)) from None
+    tls = trio.SSLStream(tcp, context, server_hostname=server_name)
+    try:
+        with trio.fail_after(handshake_timeout):
+            await tls.do_handshake()
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(tls)
+        raise UpstreamError(
+            "handshake", "timeout", f"no TLS handshake within {handshake_timeout:g}s"
+        ) from None
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tls)
+        reason, message = _handshake_reason(exc.__cause__)
+        raise UpstreamError("handshake", reason, message) from None
+    except BaseException:
+        await trio.aclose_forcefully(tls)
+        raise
+    return tls
+
+
+def _connect_reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    causes: list[BaseException] = [exc]
+    # trio.open_tcp_stream wraps per-address failures in an OSError whose cause is a group.
+    if isinstance(exc.__cause__, BaseExceptionGroup):
+        causes.extend(exc.__cause__.exceptions)
+    codes = {getattr(c, "errno", None) for c in causes}
+    if errno.ECONNREFUSED in codes:
+        return "refused"
+    if codes & {errno.ETIMEDOUT}:
+        return "timeout"
+    return "unreachable"
+
+
+def _os_message(exc: OSError) -> str:
+    if isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
+        return str(exc.__cause__.exceptions[0])
+    return exc.strerror or str(exc)
+
+
+def _handshake_reason(cause: BaseException | None) -> tuple[str, str]:
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        reason = _VERIFY_REASONS.get(cause.verify_code, "tls_error")
+        return reason, cause.verify_message or str(cause)
+    if isinstance(cause, ssl.SSLEOFError) or cause is None:
+        return "closed", "the server closed the connection during the TLS handshake"
+    if isinstance(cause, ssl.SSLError):
+        if cause.reason in _VERSION_REASONS:
+            return "tls_version", f"no common TLS version ({cause.reason})"
+        return "tls_error", cause.reason or str(cause)
+    if isinstance(cause, OSError):
+        return "closed", cause.strerror or str(cause)
+    return "tls_error", type(cause).__name__
+
+
+def describe_peer(stream: trio.SSLStream[trio.SocketStream]) -> dict[str, str | None]:
+    """What to log about an established upstream: version, cipher and the leaf certificate."""
+    der = stream.getpeercert(binary_form=True)
+    cipher = stream.cipher()
+    info: dict[str, str | None] = {
+        "tls_version": stream.version(),
+        "cipher": cipher[0] if cipher else None,
+        "peer_subject": None,
+        "peer_sha256": None,
+        "peer_not_after": None,
+    }
+    if der:
+        cert = x509.load_der_x509_certificate(der)
+        info["peer_subject"] = cert.subject.rfc4514_string()
+        info["peer_sha256"] = hashlib.sha256(der).hexdigest()
+        info["peer_not_after"] = cert.not_valid_after_utc.isoformat()
+    return info
+
+
+def read_buffered_plaintext(stream: trio.SSLStream[trio.SocketStream], limit: int) -> bytes:
+    """Decrypt TLS records that have already arrived, without any I/O; up to ``limit`` octets.
+
+    ``SSLStream.receive_some`` returns one TLS record per call, and POP3 servers send small
+    records (Dovecot: about 4 KiB), so a plain pump would wake up and ``send`` once per
+    record. Draining what is already buffered after each ``receive_some`` lets the relay
+    forward one large write instead (see the relay benchmark). This reaches the
+    ``SSLObject`` inside ``SSLStream`` (python-trio/trio#542 discusses exposing it), which
+    is safe here: it runs between awaits in the one task that reads the stream, and any
+    TLS output the read produces (a TLS 1.3 KeyUpdate) is flushed by the stream's next
+    operation. Errors are left for the next ``receive_some`` to raise properly.
+    """
+    ssl_object: ssl.SSLObject = stream._ssl_object  # private: see docstring
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        try:
+            chunk = ssl_object.read(limit - total)
+        except ssl.SSLError:  # SSLWantReadError: nothing buffered; anything else: later
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
