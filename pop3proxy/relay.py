@@ -213,6 +213,9 @@ class _Relay:
                 nursery.start_soon(self._client_to_upstream)
                 nursery.start_soon(self._upstream_to_client)
                 nursery.start_soon(self._idle_watchdog)
+        ended_by_peer = self.reason in {"client_closed", "upstream_closed"}
+        if ended_by_peer and self.conversation.quit_acknowledged:
+            return "quit"
         return self.reason or "closed"
 
     def _finish(self, reason: str) -> None:

@@ -227,6 +227,8 @@ class Pop3Conversation:
         self.state = State.GREETING
         #: The user name of the current or last login attempt (PII, not a secret).
         self.user: str | None = None
+        #: The server answered QUIT with +OK: it will close, and may skip TLS close_notify.
+        self.quit_acknowledged = False
         self._seq = 0
         self._pending: deque[_Pending] = deque()
         self._open_auth: _Pending | None = None
@@ -522,6 +524,8 @@ class Pop3Conversation:
             self._login_result(status, "APOP", self.user, events)
         elif verb == "USER" and not status.ok:
             self.user = None
+        elif verb == "QUIT" and status.ok:
+            self.quit_acknowledged = True
         self.state = _TRANSITIONS.get((self.state, verb, status.ok), self.state)
         events.append(CommandCompleted(command, status, head.reply_octets))
         self._flush_local_replies(events)
