@@ -31,14 +31,15 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Self
+from typing import IO, TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     import trustme
 
-__all__ = ["Dovecot", "DovecotError", "find_dovecot", "make_message"]
+__all__ = ["Dovecot", "DovecotError", "Mailbox", "MailboxFactory", "find_dovecot", "make_message"]
 
 _DH_PEM = Path("/usr/share/dovecot/dh.pem")
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -51,6 +52,23 @@ _LOG_PROBLEM = re.compile(r"\b(Error|Fatal|Panic):")
 _USER_NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}\Z")
 _START_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """A Dovecot user made for one test: its name, password and messages (1-based in POP3)."""
+
+    user: str
+    password: str
+    messages: tuple[bytes, ...]
+
+
+class MailboxFactory(Protocol):
+    """The ``mailbox`` fixture: makes a fresh user holding ``messages``."""
+
+    def __call__(
+        self, messages: Sequence[bytes] = (), *, password: str | None = None
+    ) -> Mailbox: ...
 
 
 class DovecotError(RuntimeError):

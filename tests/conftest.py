@@ -1,0 +1,111 @@
+"""Shared fixtures: a test CA, one real Dovecot for the session, the proxy in front of it.
+
+Everything here is synchronous and (except ``mailbox``) session-scoped: pytest-trio only allows
+function-scoped async fixtures, and starting Dovecot once keeps the suite fast. Tests never
+share mailbox state: each asks ``mailbox`` for a fresh user.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.peers.dovecot import (
+    Dovecot,
+    DovecotError,
+    Mailbox,
+    MailboxFactory,
+    find_dovecot,
+    make_message,
+)
+from tests.peers.proxy import ProxyProcess
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def dovecot(ca: trustme.CA) -> Iterator[Dovecot]:
+    """A Dovecot POP3S server on 127.0.0.1 for the whole session (``dovecot.port``)."""
+    try:
+        find_dovecot()
+    except DovecotError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    # Not pytest's tmp_path: its parents are mode 0700, and the mail user (nobody) must be
+    # able to traverse every parent of the maildirs. A short path also keeps Dovecot's UNIX
+    # socket paths under their length limit.
+    root = Path(tempfile.mkdtemp(prefix="pop3test-"))
+    root.chmod(0o755)
+    server = Dovecot(root, ca)
+    try:
+        server.start()
+        yield server
+    finally:
+        problems = server.stop(check_log=False)
+    if problems:
+        pytest.fail(
+            f"Dovecot logged errors (log kept in {server.log_path}):\n" + "\n".join(problems),
+            pytrace=False,
+        )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def proxy(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """``pop3proxy serve`` (JSON logs) on an ephemeral port in front of ``dovecot``."""
+    process = ProxyProcess(
+        tmp_path_factory.mktemp("proxy") / "proxy.log",
+        upstream_port=dovecot.port,
+        ca_file=dovecot.ca_pem_path,
+        server_name=dovecot.server_name,
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+_user_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def mailbox(dovecot: Dovecot) -> MailboxFactory:
+    """Make a fresh Dovecot user (unique name) holding the given messages."""
+
+    def make(messages: Sequence[bytes] = (), *, password: str | None = None) -> Mailbox:
+        user = f"user{next(_user_numbers)}x{secrets.token_hex(3)}"
+        password = password if password is not None else f"Pw-{secrets.token_hex(8)}"
+        dovecot.add_user(user, password, messages)
+        return Mailbox(user=user, password=password, messages=tuple(messages))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def corpus() -> tuple[bytes, ...]:
+    """Messages of 1 KiB, 64 KiB and 1 MiB with dot-led lines and 8-bit bytes (and one plain)."""
+    return (
+        make_message(1 * KIB, subject="one KiB", dot_lines=True, eight_bit=True),
+        make_message(64 * KIB, subject="sixty-four KiB", dot_lines=True, eight_bit=True),
+        make_message(1 * MIB, subject="one MiB", dot_lines=True, eight_bit=True),
+        make_message(2 * KIB, subject="plain seven-bit", dot_lines=False, eight_bit=False),
+    )
+
+
+@pytest.fixture(scope="session")
+def big_message() -> bytes:
+    """One 50 MiB message (only a test or two use it)."""
+    return make_message(50 * MIB, subject="fifty MiB", dot_lines=True, eight_bit=True)
