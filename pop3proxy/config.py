@@ -1,15 +1,332 @@
 """Settings of pop3proxy, and how they are read.
 
-STUB: the Settings shape below is the contract; loading (flags > env > TOML file >
-defaults) is being written.
+Theory of operation: every setting is declared exactly once, as a field of :class:`Settings`
+(name, type, default) whose metadata comes from :func:`setting` (parser, help text, metavar).
+The table :data:`SETTINGS` is derived from those fields, and everything else comes from it:
+
+- the command-line flag is ``--`` + the name with dashes (``--connect-timeout``);
+- the environment variable is ``POP3PROXY_`` + the name in capitals (``POP3PROXY_CONNECT_TIMEOUT``);
+- the TOML key is the name itself (``connect_timeout = 10``);
+- ``--help`` shows the help text, the default and the environment variable.
+
+So adding a setting is one new field.  Precedence is flags > environment > TOML file
+(``--config FILE`` / ``POP3PROXY_CONFIG``) > defaults.  An empty environment variable counts as
+unset.  A parser receives the raw value (a string from a flag or the environment, or whatever
+type TOML produced) and returns the typed value or raises ``ValueError`` with a short problem
+description; :func:`load_settings` turns that into one :class:`ConfigError` whose one-line
+message names the setting, where the value came from, the value and the problem.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import difflib
+import enum
+import ipaddress
+import math
+import os
+import re
+import ssl
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Final
 
-__all__ = ["Endpoint", "Settings"]
+__all__ = [
+    "CONFIG_FILE",
+    "SETTINGS",
+    "ConfigError",
+    "Endpoint",
+    "Origin",
+    "Setting",
+    "Settings",
+    "load_settings",
+    "parse_endpoint",
+    "setting",
+]
+
+ENV_PREFIX: Final = "POP3PROXY_"
+DEFAULT_LISTEN_PORT: Final = 110  # RFC 1939 §3
+DEFAULT_UPSTREAM_PORT: Final = 995  # RFC 8314 §7.3 (POP3 over implicit TLS)
+TLS_VERSIONS: Final = ("1.2", "1.3")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("json", "console", "auto")
+
+_SPEC_KEY: Final = "pop3proxy.setting"
+
+
+class ConfigError(Exception):
+    """A setting has a bad value, or a required one is missing.
+
+    Args:
+        setting: the setting's name (``"upstream_ca_file"``) or, for problems with no single
+            setting, any short label.
+        problem: what is wrong, without a trailing period.
+        origin: where the bad value came from; ``None`` when it came from nowhere (missing).
+        config_file: the TOML file, when ``origin`` is :attr:`Origin.FILE`.
+
+    ``str(error)`` is one line, e.g. ``pop3proxy: --upstream-ca-file
+    (POP3PROXY_UPSTREAM_CA_FILE): /x.pem: no such file``.
+    """
+
+    def __init__(
+        self,
+        setting: str,
+        problem: str,
+        *,
+        origin: Origin | None = None,
+        config_file: Path | None = None,
+    ) -> None:
+        self.setting = setting
+        self.problem = problem
+        self.origin = origin
+        self.config_file = config_file
+        super().__init__(f"pop3proxy: {self.label}: {problem}")
+
+    @property
+    def label(self) -> str:
+        """The flag, plus the env var or file key when the value came from one."""
+        flag = _flag_name(self.setting)
+        if self.origin is Origin.ENV:
+            return f"{flag} ({_env_name(self.setting)})"
+        if self.origin is Origin.FILE:
+            return f"{flag} ({self.setting} in {self.config_file})"
+        return flag
+
+
+class Origin(enum.Enum):
+    """Where a setting's value came from, highest precedence first."""
+
+    FLAG = "flag"
+    ENV = "environment"
+    FILE = "config file"
+    DEFAULT = "default"
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers.  Each takes the raw value and returns the typed value or raises ValueError.
+# --------------------------------------------------------------------------------------------
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+\Z")
+
+
+def _type_name(raw: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", list: "array", dict: "table"}
+    return names.get(type(raw), type(raw).__name__)
+
+
+def _text(raw: object, expected: str) -> str:
+    if isinstance(raw, str):
+        return raw
+    raise ValueError(f"expected {expected}, got a {_type_name(raw)}")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or IP address literal, or None if it is one."""
+    if not host:
+        return "missing host"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return None
+    if _DOTTED_NUMBERS.match(host):
+        return "not a valid IPv4 address"
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        return "not a valid host name or IP address"
+    return None
+
+
+def parse_endpoint(text: str, *, default_port: int, allow_port_zero: bool = False) -> Endpoint:
+    """Parse ``HOST[:PORT]``; IPv6 literals must be bracketed: ``[::1]:110``.
+
+    Raises:
+        ValueError: with a short description of the problem.
+    """
+    if text.startswith("["):
+        inside, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError("missing ']' after the IPv6 address")
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            raise ValueError("not a valid IPv6 address between [ and ]") from None
+        host = inside
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected :PORT after ']'")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise ValueError("IPv6 addresses must be in brackets, e.g. [::1]:110")
+    else:
+        host, colon, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if colon else None
+        problem = _host_problem(host)
+        if problem is not None:
+            raise ValueError(problem)
+    if port_text is None:
+        return Endpoint(host, default_port)
+    lowest = 0 if allow_port_zero else 1
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"the port must be a number from {lowest} to 65535")
+    port = int(port_text)
+    if not lowest <= port <= 65535:
+        raise ValueError(f"port {port} is out of range ({lowest}-65535)")
+    return Endpoint(host, port)
+
+
+def _parse_listen(raw: object) -> Endpoint:
+    text = _text(raw, "a string like HOST:PORT")
+    return parse_endpoint(text, default_port=DEFAULT_LISTEN_PORT, allow_port_zero=True)
+
+
+def _parse_upstream(raw: object) -> Endpoint:
+    text = _text(raw, "a string like HOST:PORT")
+    return parse_endpoint(text, default_port=DEFAULT_UPSTREAM_PORT)
+
+
+def _parse_ca_file(raw: object) -> Path:
+    path = Path(_text(raw, "a file name"))
+    if not path.exists():
+        raise ValueError("no such file")
+    if path.is_dir():
+        raise ValueError("is a directory, expected a PEM file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror or exc}") from None
+    # A bare context: create_default_context() would also load the system store and honour
+    # SSLKEYLOGFILE, neither of which this check wants.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        raise ValueError("no PEM certificate found") from None
+    if context.cert_store_stats()["x509"] == 0:
+        raise ValueError("no PEM certificate found")
+    return path
+
+
+def _parse_server_name(raw: object) -> str:
+    name = _text(raw, "a host name")
+    problem = _host_problem(name)
+    if problem is not None:
+        raise ValueError("must not be empty" if not name else problem)
+    return name
+
+
+def _parse_seconds(raw: object) -> float:
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    else:
+        text = _text(raw, "a number of seconds")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        text = _text(raw, "one of " + ", ".join(choices)).strip().lower()
+        if text not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+def _parse_tls_version(raw: object) -> str:
+    # TOML reads `tls_min_version = 1.2` as a float; accept that spelling too.
+    if isinstance(raw, float) and str(raw) in TLS_VERSIONS:
+        return str(raw)
+    return _choice(TLS_VERSIONS)(raw)
+
+
+def _parse_config_path(raw: object) -> Path:
+    return Path(_text(raw, "a file name"))
+
+
+# --------------------------------------------------------------------------------------------
+# The declaration of a setting.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: name, parser, default, help; the flag and env var derive from the name."""
+
+    name: str
+    parse: Callable[[object], object]
+    default: object
+    help: str
+    metavar: str
+    default_text: str | None = None
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, e.g. ``--connect-timeout``."""
+        return _flag_name(self.name)
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable, e.g. ``POP3PROXY_CONNECT_TIMEOUT``."""
+        return _env_name(self.name)
+
+    def describe_default(self, default: object = dataclasses.MISSING) -> str:
+        """The default as shown in ``--help``."""
+        if default is dataclasses.MISSING:
+            default = self.default
+            if self.default_text is not None:
+                return self.default_text
+        if default is None:
+            return "none"
+        if isinstance(default, float) and default.is_integer():
+            return str(int(default))
+        return str(default)
+
+
+@dataclass(frozen=True, slots=True)
+class _Declaration:
+    parse: Callable[[object], object]
+    help: str
+    metavar: str
+    default_text: str | None
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def setting(
+    parse: Callable[[object], object],
+    help: str,
+    *,
+    metavar: str,
+    default_text: str | None = None,
+) -> dict[str, object]:
+    """The ``metadata`` that makes a :class:`Settings` field a setting.
+
+    Use it as ``name: T = field(default=..., metadata=setting(parse, "help", metavar="M"))``.
+
+    Args:
+        parse: raw value (``str`` from flag/env, any TOML type from the file) -> typed value;
+            raises ``ValueError(problem)``.
+        help: one phrase for ``--help``, no trailing period.
+        metavar: how the value is shown in ``--help``, e.g. ``HOST:PORT``.
+        default_text: shown instead of ``str(default)`` in ``--help``.
+    """
+    return {_SPEC_KEY: _Declaration(parse, help, metavar, default_text)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,18 +343,81 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything ``pop3proxy serve`` needs, validated."""
+    """Everything ``pop3proxy serve`` needs, validated.
 
-    listen: Endpoint = Endpoint("127.0.0.1", 110)
-    upstream: Endpoint | None = None
-    upstream_ca_file: Path | None = None
-    upstream_server_name: str | None = None
-    tls_min_version: str = "1.2"
-    connect_timeout: float = 10.0
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 600.0
-    log_level: str = "info"
-    log_format: str = "auto"
+    Each field is a setting (see the module docstring): adding a field whose metadata comes
+    from :func:`setting` adds its flag, env var, TOML key and ``--help`` entry.
+    """
+
+    listen: Endpoint = field(
+        default=Endpoint("127.0.0.1", DEFAULT_LISTEN_PORT),
+        metadata=setting(
+            _parse_listen,
+            "address for plaintext POP3 clients; port 0 picks a free port; port defaults to 110",
+            metavar="HOST:PORT",
+        ),
+    )
+    upstream: Endpoint | None = field(
+        default=None,
+        metadata=setting(
+            _parse_upstream,
+            "POP3S server (implicit TLS) to relay to; port defaults to 995",
+            metavar="HOST:PORT",
+        ),
+    )
+    upstream_ca_file: Path | None = field(
+        default=None,
+        metadata=setting(
+            _parse_ca_file,
+            "PEM file of the CA certificates the upstream certificate must chain to, "
+            "used instead of the system trust store",
+            metavar="FILE",
+            default_text="the system trust store",
+        ),
+    )
+    upstream_server_name: str | None = field(
+        default=None,
+        metadata=setting(
+            _parse_server_name,
+            "name the upstream certificate must match (also sent as SNI)",
+            metavar="NAME",
+            default_text="the upstream host",
+        ),
+    )
+    tls_min_version: str = field(
+        default="1.2",
+        metadata=setting(_parse_tls_version, "lowest TLS version accepted", metavar="{1.2,1.3}"),
+    )
+    connect_timeout: float = field(
+        default=10.0,
+        metadata=setting(_parse_seconds, "seconds to connect to upstream", metavar="SECONDS"),
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata=setting(_parse_seconds, "seconds for the TLS handshake", metavar="SECONDS"),
+    )
+    idle_timeout: float = field(
+        default=600.0,
+        metadata=setting(
+            _parse_seconds,
+            "seconds a session may stay silent in either direction before it is closed",
+            metavar="SECONDS",
+        ),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=setting(
+            _choice(LOG_LEVELS), "lowest level logged", metavar="{debug,info,warning,error}"
+        ),
+    )
+    log_format: str = field(
+        default="auto",
+        metadata=setting(
+            _choice(LOG_FORMATS),
+            "JSON lines, human-readable console, or auto (console if stdout is a terminal)",
+            metavar="{json,console,auto}",
+        ),
+    )
 
     @property
     def tls_server_name(self) -> str:
@@ -47,3 +427,159 @@ class Settings:
         if self.upstream is None:
             raise ValueError("no upstream configured")
         return self.upstream.host
+
+    @property
+    def minimum_tls_version(self) -> ssl.TLSVersion:
+        """:attr:`tls_min_version` as the value for ``ssl.SSLContext.minimum_version``."""
+        return ssl.TLSVersion.TLSv1_3 if self.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+
+
+def _table() -> tuple[Setting, ...]:
+    table = []
+    for f in dataclasses.fields(Settings):
+        declaration = f.metadata[_SPEC_KEY]
+        assert isinstance(declaration, _Declaration)
+        table.append(
+            Setting(
+                name=f.name,
+                parse=declaration.parse,
+                default=f.default,
+                help=declaration.help,
+                metavar=declaration.metavar,
+                default_text=declaration.default_text,
+            )
+        )
+    return tuple(table)
+
+
+#: Every field of :class:`Settings`, in declaration order.
+SETTINGS: Final[tuple[Setting, ...]] = _table()
+
+#: ``--config FILE`` / ``POP3PROXY_CONFIG``: where to read the TOML file.  Not a field of
+#: :class:`Settings` (and not a valid key inside the file), but read like one.
+CONFIG_FILE: Final = Setting(
+    name="config",
+    parse=_parse_config_path,
+    default=None,
+    help="TOML file of settings (keys are the setting names with underscores, "
+    'e.g. upstream = "mail.example.com:995"); flags and env vars override it',
+    metavar="FILE",
+)
+
+_BY_NAME: Final = {spec.name: spec for spec in SETTINGS}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+# --------------------------------------------------------------------------------------------
+
+
+def _show(raw: object) -> str:
+    """The raw value for an error message: as typed if plain, quoted if it could mislead."""
+    if isinstance(raw, str):
+        if raw and raw.isprintable() and raw.strip() == raw:
+            return raw
+        return repr(raw)
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    return repr(raw)
+
+
+def _read_config_file(path: Path, origin: Origin) -> dict[str, object]:
+    def error(problem: str) -> ConfigError:
+        return ConfigError(CONFIG_FILE.name, f"{path}: {problem}", origin=origin)
+
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise error("no such file") from None
+    except IsADirectoryError:
+        raise error("is a directory, expected a TOML file") from None
+    except OSError as exc:
+        raise error(f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise error("not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"invalid TOML: {exc}") from None
+    for key in data:
+        if key not in _BY_NAME:
+            close = difflib.get_close_matches(key, _BY_NAME, n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise error(f'unknown key "{key}"{hint}')
+    return data
+
+
+def load_settings(
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    only: Collection[str] | None = None,
+    defaults: Mapping[str, object] | None = None,
+    required: Collection[str] = (),
+) -> Settings:
+    """Build :class:`Settings` from flags > environment > TOML file > defaults.
+
+    Args:
+        flags: raw values given on the command line, by setting name (``"config"`` for the
+            file); absent names were not given.
+        environ: the environment; ``os.environ`` if None.
+        only: the setting names this command reads (may include ``"config"``); None means all
+            settings and the config file.  Other settings keep their defaults.
+        defaults: per-command defaults that replace the declared ones.
+        required: setting names that must end up with a value other than None.
+
+    Raises:
+        ConfigError: for the first bad or missing value.
+    """
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    defaults = defaults or {}
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    def raw_value(spec: Setting) -> tuple[object, Origin] | None:
+        if spec.name in flags:
+            return flags[spec.name], Origin.FLAG
+        if environ.get(spec.env_var):
+            return environ[spec.env_var], Origin.ENV
+        return None
+
+    file_values: dict[str, object] = {}
+    config_path: Path | None = None
+    if wanted(CONFIG_FILE.name):
+        found = raw_value(CONFIG_FILE)
+        if found is not None:
+            raw, origin = found
+            try:
+                config_path = _parse_config_path(raw)
+            except ValueError as exc:
+                raise ConfigError(CONFIG_FILE.name, f"{_show(raw)}: {exc}", origin=origin) from None
+            file_values = _read_config_file(config_path, origin)
+
+    values: dict[str, Any] = {}  # checked by each setting's parser
+    for spec in SETTINGS:
+        if not wanted(spec.name):
+            continue
+        found = raw_value(spec)
+        if found is None and spec.name in file_values:
+            found = file_values[spec.name], Origin.FILE
+        if found is None:
+            value = defaults.get(spec.name, spec.default)
+        else:
+            raw, origin = found
+            try:
+                value = spec.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(
+                    spec.name, f"{_show(raw)}: {exc}", origin=origin, config_file=config_path
+                ) from None
+        if value is None and spec.name in required:
+            raise ConfigError(
+                spec.name,
+                f"required; give {spec.flag} {spec.metavar}, set {spec.env_var}, "
+                f"or set {spec.name} in the config file",
+            )
+        values[spec.name] = value
+    return dataclasses.replace(Settings(), **values)

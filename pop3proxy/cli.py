@@ -1,0 +1,261 @@
+"""The ``pop3proxy`` command line: subcommands, their options, and exit statuses.
+
+Each subcommand is one :class:`Command` entry in :data:`COMMANDS`: which settings it reads
+(flags, env vars and ``--help`` come from :data:`pop3proxy.config.SETTINGS`), per-command
+defaults, required settings, and the function that runs it.  Modules that do the work
+(``logs``, ``server``, ``demo``) are imported inside those functions, so a usage or config error
+never depends on them.
+
+Exit statuses: 0 on success and on Ctrl-C, 1 when the proxy cannot start (e.g. the listen
+address is in use), 2 on any usage or configuration error, which is reported as exactly one
+line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import trio
+
+from pop3proxy import __version__
+from pop3proxy.config import (
+    CONFIG_FILE,
+    SETTINGS,
+    ConfigError,
+    Endpoint,
+    Setting,
+    Settings,
+    load_settings,
+)
+
+__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "parse_command_line"]
+
+PROG = "pop3proxy"
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_USAGE = 2
+
+DESCRIPTION = (
+    "pop3proxy accepts plaintext POP3 clients and relays each session over implicit TLS, with "
+    "the certificate chain and host name verified, to an upstream POP3S server. "
+    "It logs every session and command as JSON lines on stdout and never logs a credential."
+)
+
+ENV_EPILOG = (
+    "Each option can also be set by the environment variable shown with it. "
+    "Flags override environment variables, which override the defaults."
+)
+CONFIG_EPILOG = (
+    "Each option can also be set by the environment variable shown with it, or by a key with "
+    "the setting's name in the TOML file given by --config, e.g. "
+    'upstream = "mail.example.com:995" or connect_timeout = 10. Flags override environment '
+    "variables, which override the file, which overrides the defaults."
+)
+
+
+class UsageError(Exception):
+    """A command line argparse rejected; the message is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One subcommand.
+
+    Attributes:
+        name: as typed after ``pop3proxy``.
+        summary: one line for ``pop3proxy --help``.
+        description: the subcommand's own ``--help`` text.
+        run: does the work, returns the exit status.
+        settings: names of the settings it reads (``"config"`` for ``--config``); None for all.
+        defaults: defaults that differ from the declared ones.
+        required: settings that must be given.
+    """
+
+    name: str
+    summary: str
+    description: str
+    run: Callable[[Settings], int]
+    settings: tuple[str, ...] | None = None
+    defaults: Mapping[str, object] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+
+    def specs(self) -> list[Setting]:
+        """The settings this command reads, in declaration order (``--config`` last)."""
+        table = [*SETTINGS, CONFIG_FILE]
+        return [s for s in table if self.settings is None or s.name in self.settings]
+
+
+# --------------------------------------------------------------------------------------------
+# Subcommands.
+# --------------------------------------------------------------------------------------------
+
+
+#: Errors from binding the listener: the proxy cannot start, and a traceback would not help.
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``[exc]``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _run_trio(main: Callable[[Settings], Awaitable[None]], settings: Settings) -> int:
+    """Configure logging, then ``trio.run(main, settings)``; Ctrl-C is a normal exit."""
+    logs = importlib.import_module("pop3proxy.logs")
+    logs.configure_logging(settings.log_level, settings.log_format)
+    try:
+        trio.run(main, settings)
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return EXIT_OK
+        if all(isinstance(leaf, OSError) and leaf.errno in _BIND_ERRNOS for leaf in leaves):
+            print(
+                _one_line(f"{PROG}: cannot listen on {settings.listen}: {leaves[0]}"),
+                file=sys.stderr,
+            )
+            return EXIT_START_FAILED
+        raise
+    return EXIT_OK
+
+
+def run_serve(settings: Settings) -> int:
+    """``pop3proxy serve``: run the proxy until interrupted."""
+    server = importlib.import_module("pop3proxy.server")
+    return _run_trio(server.serve, settings)
+
+
+def run_demo(settings: Settings) -> int:
+    """``pop3proxy demo``: run an embedded demo upstream and the proxy in front of it."""
+    demo = importlib.import_module("pop3proxy.demo")
+    return _run_trio(demo.run_demo, settings)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        name="serve",
+        summary="run the proxy",
+        description="Accept plaintext POP3 clients on --listen and relay each session over "
+        "verified implicit TLS to --upstream, logging every command.",
+        run=run_serve,
+        required=("upstream",),
+    ),
+    Command(
+        name="demo",
+        summary="run a self-contained demo: a fake POP3S server and the proxy in front of it",
+        description="Start an embedded demo POP3S upstream (with a throw-away CA) and the proxy "
+        "in front of it on --listen, so you can point a POP3 client at it and watch the logs.",
+        run=run_demo,
+        settings=("listen", "log_level", "log_format"),
+        defaults={"listen": Endpoint("127.0.0.1", 8110)},
+    ),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing.
+# --------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _help_text(spec: Setting, command: Command) -> str:
+    if spec.name in command.required:
+        default = "required"
+    elif spec.name in command.defaults:
+        default = "default: " + spec.describe_default(command.defaults[spec.name])
+    elif spec is CONFIG_FILE:
+        default = "default: none"
+    else:
+        default = "default: " + spec.describe_default()
+    text = f"{spec.help} ({default}; env {spec.env_var})"
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    """The argument parser: one subparser per command, one option per setting it reads."""
+    parser = _Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
+    for command in commands:
+        sub = subparsers.add_parser(
+            command.name,
+            help=command.summary,
+            description=command.description,
+            epilog=CONFIG_EPILOG if CONFIG_FILE in command.specs() else ENV_EPILOG,
+            allow_abbrev=False,
+        )
+        for spec in command.specs():
+            sub.add_argument(
+                spec.flag,
+                dest=spec.name,
+                metavar=spec.metavar,
+                default=argparse.SUPPRESS,  # absent flags stay absent: env/file may apply
+                help=_help_text(spec, command),
+            )
+        sub.set_defaults(_command=command)
+    return parser
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n"))
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[Command, Settings]:
+    """The command named in ``argv`` and its settings (flags > env > file > defaults).
+
+    Raises:
+        UsageError: argparse rejected ``argv``.
+        ConfigError: a setting is bad or missing.
+        SystemExit: after ``--help`` or ``--version``.
+    """
+    namespace, extras = build_parser().parse_known_args(argv)
+    args = vars(namespace)
+    command = args.pop("_command")
+    assert isinstance(command, Command)
+    if extras:  # argparse would blame the top-level parser, and print its usage
+        prog = f"{PROG} {command.name}"
+        raise UsageError(
+            f"{prog}: unrecognized arguments: {' '.join(extras)} (see '{prog} --help')"
+        )
+    del args["command"]
+    settings = load_settings(
+        args,
+        only=[spec.name for spec in command.specs()],
+        defaults=command.defaults,
+        required=command.required,
+    )
+    return command, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``pop3proxy`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        command, settings = parse_command_line(argv)
+    except (UsageError, ConfigError) as exc:
+        print(_one_line(str(exc)), file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # after --help or --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    return command.run(settings)
