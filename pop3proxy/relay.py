@@ -45,11 +45,10 @@ from pop3proxy.pop3 import (
     SaslStarted,
     UnsolicitedResponse,
 )
+from pop3proxy.telemetry import SessionTelemetry, Telemetry
 from pop3proxy.tls import UpstreamError, describe_peer, open_upstream, read_buffered_plaintext
 
 __all__ = ["CLIENT_RECEIVE_SIZE", "UPSTREAM_BATCH_LIMIT", "Proxy", "format_address"]
-
-log = structlog.get_logger("pop3proxy.relay")
 
 #: Octets read from the client per call; clients send short command lines.
 CLIENT_RECEIVE_SIZE = 16 * 1024
@@ -88,20 +87,31 @@ class Proxy:
         settings: validated settings (upstream, timeouts).
         context: the upstream TLS context, built once (:func:`pop3proxy.tls.make_upstream_context`).
         listener: the listening address, for the logs.
+        telemetry: where session events go (the log, and later metrics and feeds).
     """
 
-    def __init__(self, settings: Settings, context: ssl.SSLContext, listener: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        context: ssl.SSLContext,
+        listener: str,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         if settings.upstream is None:
             raise ValueError("settings.upstream is required")
         self.settings = settings
         self.upstream = settings.upstream
         self.context = context
         self.listener = listener
+        self.telemetry = telemetry or Telemetry()
 
     async def handle_client(self, client: _Stream) -> None:
         """Run one session from accept to close; never raises (the error boundary)."""
+        session_id = secrets.token_hex(4)
+        # Lines logged by libraries inside this task carry the session id too.
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(session_id=secrets.token_hex(4))
+        structlog.contextvars.bind_contextvars(session_id=session_id)
+        log = SessionTelemetry(self.telemetry, session_id)
         started = trio.current_time()
         stats = SessionStats()
         reason = "shutdown"  # kept only if the session is cancelled from outside
@@ -111,10 +121,10 @@ class Proxy:
             peer = "unknown"
         log.info("session.opened", client=peer, listener=self.listener)
         try:
-            reason = await self._run_session(client, stats)
+            reason = await self._run_session(client, stats, log)
         except Exception as exc:  # the error boundary: one broken session never spreads
             reason = "internal_error"
-            log.error("session.error", error_type=type(exc).__name__, exc_info=True)
+            log.exception("session.error", error_type=type(exc).__name__)
             await _send_quietly(client, b"-ERR [SYS/TEMP] internal proxy error\r\n")
         finally:
             await trio.aclose_forcefully(client)
@@ -131,7 +141,9 @@ class Proxy:
                 duration_s=round(trio.current_time() - started, 3),
             )
 
-    async def _run_session(self, client: _Stream, stats: SessionStats) -> str:
+    async def _run_session(
+        self, client: _Stream, stats: SessionStats, log: SessionTelemetry
+    ) -> str:
         settings = self.settings
         try:
             upstream = await open_upstream(
@@ -157,7 +169,7 @@ class Proxy:
         stats.tls_version = peer["tls_version"]
         log.info("upstream.tls_established", upstream=str(self.upstream), **peer)
         try:
-            return await _Relay(client, upstream, stats, settings.idle_timeout).run()
+            return await _Relay(client, upstream, stats, log, settings.idle_timeout).run()
         finally:
             with (
                 trio.move_on_after(CLOSE_TIMEOUT, shield=True),
@@ -182,8 +194,14 @@ class _Relay:
     """The two pumps and the watchdog of an established session."""
 
     def __init__(
-        self, client: _Stream, upstream: _TLSStream, stats: SessionStats, idle_timeout: float
+        self,
+        client: _Stream,
+        upstream: _TLSStream,
+        stats: SessionStats,
+        log: SessionTelemetry,
+        idle_timeout: float,
     ) -> None:
+        self.log = log
         self.client = client
         self.upstream = upstream
         self.stats = stats
@@ -307,7 +325,7 @@ class _Relay:
         if all(e.clean for e in events if isinstance(e, ConnectionClosed)):
             self._finish("upstream_closed")
             return
-        log.warning(
+        self.log.warning(
             "upstream.truncated",
             state=self.conversation.state.value,
             pending=self.conversation.pending,
@@ -316,7 +334,7 @@ class _Relay:
         self._finish("upstream_truncated")
 
     async def _protocol_error(self, exc: RemoteProtocolError) -> None:
-        log.warning("pop3.protocol_error", side=exc.side, error=exc.reason)
+        self.log.warning("pop3.protocol_error", side=exc.side, error=exc.reason)
         async with self.client_send_lock:
             self.stats.bytes_to_client += await _send_quietly(self.client, exc.reply_hint)
         self._finish(f"{exc.side}_protocol_error")
@@ -330,7 +348,7 @@ class _Relay:
         while True:
             deadline = self.last_activity + self.idle_timeout
             if trio.current_time() >= deadline:
-                log.info("session.idle_timeout", idle_timeout_s=self.idle_timeout)
+                self.log.info("session.idle_timeout", idle_timeout_s=self.idle_timeout)
                 self._finish("idle_timeout")
                 return
             await trio.sleep_until(deadline)
@@ -352,7 +370,7 @@ class _Relay:
         command, status = event.command, event.status
         started = self.stats.command_started.pop(command.seq, None)
         duration = trio.current_time() - started if started is not None else 0.0
-        log.info(
+        self.log.info(
             "pop3.command",
             verb=command.verb,
             args=command.loggable_args(),
@@ -364,10 +382,10 @@ class _Relay:
 
     def _on_login_ok(self, event: LoginSucceeded) -> None:
         self.stats.user = event.user
-        log.info("pop3.login", user=event.user, mechanism=event.mechanism, result="success")
+        self.log.info("pop3.login", user=event.user, mechanism=event.mechanism, result="success")
 
     def _on_login_failed(self, event: LoginFailed) -> None:
-        log.info(
+        self.log.info(
             "pop3.login",
             user=event.user,
             mechanism=event.mechanism,
@@ -376,26 +394,28 @@ class _Relay:
         )
 
     def _on_greeting(self, event: Greeting) -> None:
-        log.debug(
+        self.log.debug(
             "pop3.greeting",
             status=event.status.indicator,
             apop=event.apop_timestamp is not None,
         )
 
     def _on_local_reply(self, event: LocalReply) -> None:
-        log.info("pop3.local_reply", verb=event.command.verb, status=event.status.indicator)
+        self.log.info("pop3.local_reply", verb=event.command.verb, status=event.status.indicator)
 
     def _on_unsolicited(self, event: UnsolicitedResponse) -> None:
         status = event.status
-        log.info("pop3.unsolicited", status=status.indicator, code=status.code, text=status.text)
+        self.log.info(
+            "pop3.unsolicited", status=status.indicator, code=status.code, text=status.text
+        )
 
     def _on_sasl_started(self, event: SaslStarted) -> None:
-        log.debug(
+        self.log.debug(
             "pop3.sasl_started", mechanism=event.mechanism, initial_response=event.initial_response
         )
 
     def _on_sasl_ended(self, event: SaslEnded) -> None:
-        log.debug(
+        self.log.debug(
             "pop3.sasl_ended",
             mechanism=event.mechanism,
             status=event.status.indicator,
@@ -404,4 +424,4 @@ class _Relay:
 
     def _on_capability(self, event: CapabilityLine) -> None:
         if event.hidden:
-            log.debug("pop3.capability_hidden", capability=event.name)
+            self.log.debug("pop3.capability_hidden", capability=event.name)

@@ -7,6 +7,7 @@ import trio
 
 from pop3proxy.config import Settings
 from pop3proxy.relay import Proxy, format_address
+from pop3proxy.telemetry import Telemetry
 from pop3proxy.tls import make_upstream_context
 
 __all__ = ["serve"]
@@ -15,7 +16,10 @@ log = structlog.get_logger("pop3proxy.server")
 
 
 async def serve(
-    settings: Settings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    *,
+    telemetry: Telemetry | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``settings.listen`` and relay every client to ``settings.upstream``.
 
@@ -28,7 +32,7 @@ async def serve(
     context = make_upstream_context(settings.upstream_ca_file, settings.tls_min_version)
     listeners = await trio.open_tcp_listeners(settings.listen.port, host=settings.listen.host)
     addresses = [format_address(listener.socket.getsockname()) for listener in listeners]
-    proxy = Proxy(settings, context, listener=", ".join(addresses))
+    proxy = Proxy(settings, context, listener=", ".join(addresses), telemetry=telemetry)
     for address in addresses:
         log.info(
             "listener.started",

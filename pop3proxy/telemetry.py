@@ -1,0 +1,81 @@
+"""Session events fan out from one place to every consumer: the log, metrics, live feed, inventory.
+
+The relay describes what happens as named events with plain, already log-safe fields
+(``pop3.command`` with ``verb``, ``args``, ``status``...). :class:`Telemetry` scrubs them
+once more with the same backstop the log uses, then hands the same mapping to each sink,
+so the live feed can never show more than the log does.
+
+A sink is any callable ``sink(event, level, fields)``; it runs on the relay's task, so it
+must be quick and must not raise (a failing sink is dropped from that event, never from
+the session).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from pop3proxy.logs import LEVELS, redact_secrets
+
+__all__ = ["SessionTelemetry", "Sink", "Telemetry", "log_sink"]
+
+Sink = Callable[[str, str, Mapping[str, Any]], None]
+
+_log = structlog.get_logger("pop3proxy")
+
+
+def log_sink(event: str, level: str, fields: Mapping[str, Any]) -> None:
+    """Write the event as a structlog line (JSON on stdout in production)."""
+    _log.log(LEVELS[level], event, **fields)
+
+
+class Telemetry:
+    """The fan-out point. ``emit`` is called on the relay's hot path: keep sinks cheap."""
+
+    def __init__(self, sinks: list[Sink] | None = None) -> None:
+        self.sinks: list[Sink] = [log_sink] if sinks is None else list(sinks)
+        self.errors = 0
+
+    def add_sink(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def remove_sink(self, sink: Sink) -> None:
+        self.sinks.remove(sink)
+
+    def emit(self, event: str, level: str = "info", **fields: Any) -> None:
+        scrubbed = redact_secrets(None, level, fields)
+        for sink in self.sinks:
+            try:
+                sink(event, level, scrubbed)
+            except Exception as exc:  # one broken consumer must not end a session
+                self.errors += 1
+                if sink is not log_sink:
+                    _log.warning("telemetry.sink_failed", sink=repr(sink), error=type(exc).__name__)
+
+
+class SessionTelemetry:
+    """``Telemetry`` bound to one session: every event carries its ``session_id``."""
+
+    __slots__ = ("session_id", "telemetry")
+
+    def __init__(self, telemetry: Telemetry, session_id: str) -> None:
+        self.telemetry = telemetry
+        self.session_id = session_id
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self.telemetry.emit(event, "debug", session_id=self.session_id, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.telemetry.emit(event, "info", session_id=self.session_id, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.telemetry.emit(event, "warning", session_id=self.session_id, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.telemetry.emit(event, "error", session_id=self.session_id, **fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        """An error with the traceback being handled (rendered without local variables)."""
+        self.telemetry.emit(event, "error", session_id=self.session_id, exc_info=True, **fields)
