@@ -113,14 +113,15 @@ _DOTTED_NUMBERS = re.compile(r"[0-9.]+\Z")
 
 
 def _type_name(raw: object) -> str:
-    names = {bool: "boolean", int: "integer", float: "float", list: "array", dict: "table"}
-    return names.get(type(raw), type(raw).__name__)
+    """A TOML value's type with its article: ``an integer``."""
+    names = {bool: "a boolean", int: "an integer", float: "a float", list: "an array"}
+    return names.get(type(raw), "a table" if isinstance(raw, dict) else type(raw).__name__)
 
 
 def _text(raw: object, expected: str) -> str:
     if isinstance(raw, str):
         return raw
-    raise ValueError(f"expected {expected}, got a {_type_name(raw)}")
+    raise ValueError(f"expected {expected}, got {_type_name(raw)}")
 
 
 def _host_problem(host: str) -> str | None:
@@ -244,9 +245,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
 
 def _parse_tls_version(raw: object) -> str:
     # TOML reads `tls_min_version = 1.2` as a float; accept that spelling too.
-    if isinstance(raw, float) and str(raw) in TLS_VERSIONS:
-        return str(raw)
-    return _choice(TLS_VERSIONS)(raw)
+    return _choice(TLS_VERSIONS)(str(raw) if isinstance(raw, float) else raw)
 
 
 def _parse_config_path(raw: object) -> Path:

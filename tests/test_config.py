@@ -1,0 +1,413 @@
+"""Settings loading: flags > env > TOML file > defaults, value parsing, and error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import trustme
+
+from pop3proxy.config import (
+    CONFIG_FILE,
+    SETTINGS,
+    ConfigError,
+    Endpoint,
+    Origin,
+    Settings,
+    load_settings,
+)
+
+
+def write_toml(tmp_path: Path, text: str, name: str = "pop3proxy.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(
+    flags: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+) -> ConfigError:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(flags, environ or {})
+    return excinfo.value
+
+
+@pytest.fixture(scope="module")
+def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def test_every_settings_field_is_a_declared_setting() -> None:
+    assert [s.name for s in SETTINGS] == [f.name for f in dataclasses.fields(Settings)]
+    assert [s.default for s in SETTINGS] == [f.default for f in dataclasses.fields(Settings)]
+
+
+@pytest.mark.parametrize(
+    ("name", "flag", "env_var"),
+    [
+        ("listen", "--listen", "POP3PROXY_LISTEN"),
+        ("upstream", "--upstream", "POP3PROXY_UPSTREAM"),
+        ("upstream_ca_file", "--upstream-ca-file", "POP3PROXY_UPSTREAM_CA_FILE"),
+        ("upstream_server_name", "--upstream-server-name", "POP3PROXY_UPSTREAM_SERVER_NAME"),
+        ("tls_min_version", "--tls-min-version", "POP3PROXY_TLS_MIN_VERSION"),
+        ("connect_timeout", "--connect-timeout", "POP3PROXY_CONNECT_TIMEOUT"),
+        ("handshake_timeout", "--handshake-timeout", "POP3PROXY_HANDSHAKE_TIMEOUT"),
+        ("idle_timeout", "--idle-timeout", "POP3PROXY_IDLE_TIMEOUT"),
+        ("log_level", "--log-level", "POP3PROXY_LOG_LEVEL"),
+        ("log_format", "--log-format", "POP3PROXY_LOG_FORMAT"),
+        ("config", "--config", "POP3PROXY_CONFIG"),
+    ],
+)
+def test_flag_and_env_var_names_derive_from_the_setting_name(
+    name: str, flag: str, env_var: str
+) -> None:
+    spec = {s.name: s for s in [*SETTINGS, CONFIG_FILE]}[name]
+    assert (spec.flag, spec.env_var) == (flag, env_var)
+    assert spec.help
+
+
+# --- precedence ---------------------------------------------------------------------------------
+
+
+def test_defaults_when_nothing_is_given() -> None:
+    settings = load_settings({}, {})
+    assert settings == Settings()
+    assert settings.listen == Endpoint("127.0.0.1", 110)
+    assert settings.upstream is None
+    assert settings.connect_timeout == 10.0
+    assert settings.log_format == "auto"
+
+
+def test_os_environ_is_the_default_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POP3PROXY_IDLE_TIMEOUT", "42")
+    assert load_settings().idle_timeout == 42.0
+
+
+# (setting, flag value, env value, file line, and the parsed value of each)
+PRECEDENCE_CASES = [
+    (
+        "listen",
+        ("127.0.0.1:1001", "127.0.0.2:1002", 'listen = "127.0.0.3:1003"'),
+        (Endpoint("127.0.0.1", 1001), Endpoint("127.0.0.2", 1002), Endpoint("127.0.0.3", 1003)),
+    ),
+    (
+        "connect_timeout",
+        ("1.5", "2", "connect_timeout = 3"),
+        (1.5, 2.0, 3.0),
+    ),
+    (
+        "log_level",
+        ("debug", "warning", 'log_level = "error"'),
+        ("debug", "warning", "error"),
+    ),
+    (
+        "tls_min_version",
+        ("1.3", "1.2", "tls_min_version = 1.3"),
+        ("1.3", "1.2", "1.3"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "parsed"), PRECEDENCE_CASES)
+def test_flags_beat_env_beats_file_beats_default(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    raw: tuple[str, str, str],
+    parsed: tuple[object, object, object],
+) -> None:
+    flag_value, env_value, file_line = raw
+    env_var = "POP3PROXY_" + name.upper()
+    default = getattr(Settings(), name)
+    config = write_toml(tmp_path, file_line + "\n")
+    for var in [env_var, "POP3PROXY_CONFIG"]:
+        monkeypatch.delenv(var, raising=False)
+
+    assert getattr(load_settings({}), name) == default
+    monkeypatch.setenv("POP3PROXY_CONFIG", str(config))
+    assert getattr(load_settings({}), name) == parsed[2]
+    monkeypatch.setenv(env_var, env_value)
+    assert getattr(load_settings({}), name) == parsed[1]
+    assert getattr(load_settings({name: flag_value}), name) == parsed[0]
+
+
+def test_each_setting_comes_from_its_own_highest_source(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path,
+        'listen = "127.0.0.1:2110"\nupstream = "mail.example.com"\nidle_timeout = 30\n'
+        'log_format = "console"\n',
+    )
+    settings = load_settings(
+        {"config": str(config), "log_format": "json"},
+        {"POP3PROXY_IDLE_TIMEOUT": "5", "POP3PROXY_HANDSHAKE_TIMEOUT": "7"},
+    )
+    assert settings.listen == Endpoint("127.0.0.1", 2110)  # file
+    assert settings.upstream == Endpoint("mail.example.com", 995)  # file
+    assert settings.idle_timeout == 5.0  # env over file
+    assert settings.handshake_timeout == 7.0  # env over default
+    assert settings.log_format == "json"  # flag over file
+    assert settings.connect_timeout == 10.0  # default
+
+
+def test_config_flag_beats_config_env_var(tmp_path: Path) -> None:
+    from_flag = write_toml(tmp_path, "idle_timeout = 1\n", "flag.toml")
+    from_env = write_toml(tmp_path, "idle_timeout = 2\n", "env.toml")
+    settings = load_settings({"config": str(from_flag)}, {"POP3PROXY_CONFIG": str(from_env)})
+    assert settings.idle_timeout == 1.0
+
+
+def test_empty_env_var_counts_as_unset() -> None:
+    settings = load_settings({}, {"POP3PROXY_LISTEN": "", "POP3PROXY_UPSTREAM_SERVER_NAME": ""})
+    assert settings.listen == Settings().listen
+    assert settings.upstream_server_name is None
+
+
+def test_only_limits_the_settings_read_and_defaults_override(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, "idle_timeout = 1\n")
+    environ = {"POP3PROXY_CONFIG": str(config), "POP3PROXY_CONNECT_TIMEOUT": "3"}
+    settings = load_settings(
+        {},
+        environ,
+        only=["listen", "log_level"],
+        defaults={"listen": Endpoint("127.0.0.1", 8110)},
+    )
+    assert settings.listen == Endpoint("127.0.0.1", 8110)
+    assert settings.connect_timeout == 10.0  # not read: env ignored
+    assert settings.idle_timeout == 600.0  # not read: no config file either
+
+
+def test_required_setting_missing() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings({}, {}, required=["upstream"])
+    message = str(excinfo.value)
+    assert message.startswith("pop3proxy: --upstream: required")
+    assert "POP3PROXY_UPSTREAM" in message
+    assert excinfo.value.origin is None
+    assert load_settings({"upstream": "h"}, {}, required=["upstream"]).upstream == Endpoint(
+        "h", 995
+    )
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("listen", "0.0.0.0:110", Endpoint("0.0.0.0", 110)),
+        ("listen", "127.0.0.1:0", Endpoint("127.0.0.1", 0)),
+        ("listen", "[::1]:2110", Endpoint("::1", 2110)),
+        ("listen", "[::]", Endpoint("::", 110)),
+        ("listen", "localhost", Endpoint("localhost", 110)),
+        ("upstream", "mail.example.com:995", Endpoint("mail.example.com", 995)),
+        ("upstream", "mail.example.com", Endpoint("mail.example.com", 995)),
+        ("upstream", "[2001:db8::1]", Endpoint("2001:db8::1", 995)),
+        ("upstream", "192.0.2.7:65535", Endpoint("192.0.2.7", 65535)),
+        ("upstream_server_name", "pop.example.com", "pop.example.com"),
+        ("upstream_server_name", "192.0.2.7", "192.0.2.7"),
+        ("upstream_server_name", "::1", "::1"),
+        ("tls_min_version", "1.2", "1.2"),
+        ("connect_timeout", "0.25", 0.25),
+        ("idle_timeout", "1e3", 1000.0),
+        ("log_level", "WARNING", "warning"),
+        ("log_format", "console", "console"),
+    ],
+)
+def test_valid_values(name: str, raw: str, expected: object) -> None:
+    assert getattr(load_settings({name: raw}, {}), name) == expected
+
+
+def test_endpoint_str_round_trips() -> None:
+    for text in ["127.0.0.1:110", "[::1]:995", "mail.example.com:1"]:
+        assert str(load_settings({"listen": text}, {}).listen) == text
+
+
+def test_ca_file_with_a_certificate_is_accepted(ca_file: Path) -> None:
+    settings = load_settings({}, {"POP3PROXY_UPSTREAM_CA_FILE": str(ca_file)})
+    assert settings.upstream_ca_file == ca_file
+
+
+def test_tls_server_name_defaults_to_upstream_host() -> None:
+    settings = load_settings({"upstream": "mail.example.com"}, {})
+    assert settings.tls_server_name == "mail.example.com"
+    named = load_settings({"upstream": "192.0.2.1", "upstream_server_name": "pop.example"}, {})
+    assert named.tls_server_name == "pop.example"
+
+
+def test_minimum_tls_version() -> None:
+    assert Settings().minimum_tls_version is ssl.TLSVersion.TLSv1_2
+    assert Settings(tls_min_version="1.3").minimum_tls_version is ssl.TLSVersion.TLSv1_3
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "problem"),
+    [
+        ("listen", "127.0.0.1:65536", "127.0.0.1:65536: port 65536 is out of range (0-65535)"),
+        ("listen", "127.0.0.1:http", "127.0.0.1:http: the port must be a number from 0 to 65535"),
+        ("listen", "::1:110", "::1:110: IPv6 addresses must be in brackets, e.g. [::1]:110"),
+        ("listen", "[::1:110", "[::1:110: missing ']' after the IPv6 address"),
+        ("listen", "[mail]:110", "[mail]:110: not a valid IPv6 address between [ and ]"),
+        ("listen", ":110", ":110: missing host"),
+        ("listen", "300.1.2.3:110", "300.1.2.3:110: not a valid IPv4 address"),
+        ("upstream", "mail.example.com:0", "mail.example.com:0: port 0 is out of range (1-65535)"),
+        ("upstream", "[::1]:0", "[::1]:0: port 0 is out of range (1-65535)"),
+        ("upstream", "mail_ex!:995", "mail_ex!:995: not a valid host name or IP address"),
+        ("upstream", "mail.example.com:-1", "the port must be a number from 1 to 65535"),
+        ("upstream_server_name", "", "'': must not be empty"),
+        ("upstream_server_name", "bad name", "bad name: not a valid host name or IP address"),
+        ("upstream_server_name", "-x.example", "-x.example: not a valid host name or IP address"),
+        ("upstream_ca_file", "/nonexistent/ca.pem", "/nonexistent/ca.pem: no such file"),
+        ("tls_min_version", "1.1", "1.1: must be one of 1.2, 1.3"),
+        ("connect_timeout", "0", "0: must be a positive number of seconds"),
+        ("handshake_timeout", "-1", "-1: must be a positive number of seconds"),
+        ("idle_timeout", "inf", "inf: must be a positive number of seconds"),
+        ("idle_timeout", "nan", "nan: must be a positive number of seconds"),
+        ("connect_timeout", "ten", "ten: not a number"),
+        ("log_level", "verbose", "verbose: must be one of debug, info, warning, error"),
+        ("log_format", "xml", "xml: must be one of json, console, auto"),
+    ],
+)
+def test_bad_flag_value(name: str, raw: str, problem: str) -> None:
+    error = load_error({name: raw})
+    flag = "--" + name.replace("_", "-")
+    assert error.setting == name
+    assert error.origin is Origin.FLAG
+    assert str(error).startswith(f"pop3proxy: {flag}: ")
+    assert str(error).endswith(problem)
+    assert "\n" not in str(error)
+
+
+def test_bad_env_value_names_flag_and_env_var() -> None:
+    error = load_error({}, {"POP3PROXY_UPSTREAM_CA_FILE": "/x.pem"})
+    assert str(error) == (
+        "pop3proxy: --upstream-ca-file (POP3PROXY_UPSTREAM_CA_FILE): /x.pem: no such file"
+    )
+    assert error.origin is Origin.ENV
+
+
+def test_bad_file_value_names_the_key_and_file(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, "connect_timeout = -3\n")
+    error = load_error({"config": str(config)})
+    assert str(error) == (
+        f"pop3proxy: --connect-timeout (connect_timeout in {config}): "
+        "-3: must be a positive number of seconds"
+    )
+    assert error.origin is Origin.FILE
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("listen = 110", "110: expected a string like HOST:PORT, got an integer"),
+        ("connect_timeout = true", "true: expected a number of seconds, got a boolean"),
+        ("connect_timeout = 0", "0: must be a positive number of seconds"),
+        ("tls_min_version = 1.1", "1.1: must be one of 1.2, 1.3"),
+        (
+            'log_level = ["info"]',
+            "['info']: expected one of debug, info, warning, error, got an array",
+        ),
+    ],
+)
+def test_wrong_toml_types(tmp_path: Path, line: str, problem: str) -> None:
+    config = write_toml(tmp_path, line + "\n")
+    error = load_error({"config": str(config)})
+    assert str(error).endswith(problem), str(error)
+
+
+def test_valid_toml_native_types(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path, "connect_timeout = 10\nidle_timeout = 0.5\ntls_min_version = 1.3\n"
+    )
+    settings = load_settings({"config": str(config)}, {})
+    assert (settings.connect_timeout, settings.idle_timeout) == (10.0, 0.5)
+    assert settings.tls_min_version == "1.3"
+
+
+def test_ca_file_that_is_a_directory(tmp_path: Path) -> None:
+    error = load_error({"upstream_ca_file": str(tmp_path)})
+    assert (
+        str(error)
+        == f"pop3proxy: --upstream-ca-file: {tmp_path}: is a directory, expected a PEM file"
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not a certificate\n",
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    ],
+)
+def test_ca_file_without_a_certificate(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "ca.pem"
+    path.write_bytes(content)
+    error = load_error({"upstream_ca_file": str(path)})
+    assert str(error) == f"pop3proxy: --upstream-ca-file: {path}: no PEM certificate found"
+
+
+def test_ca_file_with_only_a_private_key(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    path = tmp_path / "key.pem"
+    ca.private_key_pem.write_to_path(str(path))
+    error = load_error({"upstream_ca_file": str(path)})
+    assert str(error).endswith("no PEM certificate found")
+
+
+def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'upstream = "mail.example.com"\nlisten_adress = "x"\n')
+    error = load_error({"config": str(config)})
+    assert str(error) == (
+        f'pop3proxy: --config: {config}: unknown key "listen_adress" (did you mean "listen"?)'
+    )
+
+
+def test_config_is_not_a_key_in_the_file(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'config = "other.toml"\n')
+    assert 'unknown key "config"' in str(load_error({"config": str(config)}))
+
+
+def test_bad_toml_syntax(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'upstream = "mail.example.com"\nlisten 127.0.0.1\n')
+    error = load_error({}, {"POP3PROXY_CONFIG": str(config)})
+    message = str(error)
+    assert message.startswith(f"pop3proxy: --config (POP3PROXY_CONFIG): {config}: invalid TOML: ")
+    assert "line 2" in message
+    assert "\n" not in message
+
+
+def test_config_file_missing_or_unreadable(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    assert str(load_error({"config": str(missing)})) == (
+        f"pop3proxy: --config: {missing}: no such file"
+    )
+    assert str(load_error({"config": str(tmp_path)})).endswith(
+        "is a directory, expected a TOML file"
+    )
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe")
+    assert str(load_error({"config": str(binary)})).endswith("not UTF-8 text")
+
+
+def test_unprintable_value_is_quoted_on_one_line() -> None:
+    error = load_error({"listen": "127.0.0.1:110\nX"})
+    assert "\n" not in str(error)
+    assert "'127.0.0.1:110\\nX'" in str(error)
+
+
+def test_first_bad_setting_wins_and_later_sources_are_not_consulted() -> None:
+    # A bad env value is reported even when the file would be fine; a good flag hides a bad env.
+    assert load_error({}, {"POP3PROXY_LOG_LEVEL": "loud"}).setting == "log_level"
+    settings = load_settings({"log_level": "debug"}, {"POP3PROXY_LOG_LEVEL": "loud"})
+    assert settings.log_level == "debug"
