@@ -31,6 +31,7 @@ __all__ = [
     "expired_cert",
     "refused_port",
     "server_context",
+    "tls11_client_context",
     "tls11_only_context",
 ]
 
@@ -84,16 +85,17 @@ def expired_cert(ca: trustme.CA, *identities: str) -> trustme.LeafCert:
 
 
 @contextlib.contextmanager
-def refused_port(host: str = "127.0.0.1") -> Iterator[int]:
-    """A loopback port where a TCP connect is refused.
+def refused_port(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+    """A bound loopback socket that does not listen: a TCP connect to its port is refused.
 
-    The socket is bound but never listens, so the port stays reserved (no other process can
-    take it during the test) and the kernel answers every SYN with a reset.
+    The port stays reserved (no other process can take it during the test) and the kernel
+    answers every SYN with a reset. Hand the socket to `POP3STestServer` (``listener=``) to
+    make the same port start serving.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind((host, 0))
-        yield int(sock.getsockname()[1])
+        yield sock
     finally:
         sock.close()
 
@@ -118,7 +120,10 @@ class POP3STestServer:
     """A threaded POP3S server on an ephemeral loopback port; use it as a context manager.
 
     Args:
-        context: the server-side TLS context (certificate, versions).
+        context: the server-side TLS context (certificate, versions); `context` may be
+            replaced while the server runs and applies to later connections.
+        listener: a bound (not necessarily listening) socket to serve on instead of a new
+            one on an ephemeral port of ``host``.
         max_connections: accept at most this many connections.
         io_timeout: per-connection bound on each socket read and on the handshake.
         lifetime: the accept loop stops after this many seconds whatever happens.
@@ -129,18 +134,24 @@ class POP3STestServer:
         context: ssl.SSLContext,
         *,
         host: str = "127.0.0.1",
+        listener: socket.socket | None = None,
         max_connections: int = 32,
         io_timeout: float = 10.0,
         lifetime: float = 300.0,
     ) -> None:
-        self._context = context
+        self.context = context
         self._max_connections = max_connections
         self._io_timeout = io_timeout
         self._lifetime = lifetime
-        self._listener = socket.create_server((host, 0))
+        if listener is None:
+            listener = socket.create_server((host, 0))
+        else:
+            listener.listen()
+        self._listener = listener
         self._listener.settimeout(0.05)
-        self.host = host
-        self.port: int = int(self._listener.getsockname()[1])
+        address = listener.getsockname()
+        self.host: str = str(address[0])
+        self.port: int = int(address[1])
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._records: list[ConnectionRecord] = []
@@ -230,7 +241,7 @@ class POP3STestServer:
     def _serve(self, sock: socket.socket, record: ConnectionRecord) -> None:
         incoming = ssl.MemoryBIO()
         outgoing = ssl.MemoryBIO()
-        tls = self._context.wrap_bio(incoming, outgoing, server_side=True)
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
 
         def flush() -> None:
             pending = outgoing.read()
