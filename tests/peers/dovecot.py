@@ -162,7 +162,7 @@ class Dovecot:
         self._uid, self._gid = pw.pw_uid, pw.pw_gid
 
         self.conf_path = self.root / "dovecot.conf"
-        self.users_path = self.root / "users"
+        self.passwd_dir = self.root / "passwd"
         self.log_path = self.root / "dovecot.log"
         self.console_path = self.root / "dovecot.console"
         self.base_dir = self.root / "run"
@@ -285,8 +285,8 @@ class Dovecot:
                 raise ValueError(f"user {name!r} exists already")
             self._prepare()
             self._write_maildir(name, messages)
+            self._write_passwd(name, password)
             self._users[name] = password
-            self._write_users()
 
     def _write_maildir(self, name: str, messages: Sequence[bytes]) -> None:
         home = self.mail_dir / name
@@ -308,21 +308,20 @@ class Dovecot:
             os.chown(path, self._uid, self._gid)
         home.chmod(0o700)
 
-    def _write_users(self) -> None:
-        lines = [
-            f"{user}:{{PLAIN}}{password}:{self._uid}:{self._gid}::{self.mail_dir / user}::\n"
-            for user, password in self._users.items()
-        ]
-        # Atomic replace: Dovecot may re-read the file at any moment (it checks mtime and size).
-        tmp = self.users_path.with_suffix(".tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
+    def _write_passwd(self, name: str, password: str) -> None:
+        # One passwd-file per user: Dovecot opens a user's file on the first lookup, so a new
+        # user is visible at once. (A shared file is re-read at most once a second, so a user
+        # added just after a login could be "unknown" for up to a second.)
+        line = f"{name}:{{PLAIN}}{password}:{self._uid}:{self._gid}::{self.mail_dir / name}::\n"
+        tmp = self.passwd_dir / f".{name}.tmp"
+        tmp.write_text(line, encoding="utf-8")
         # Dovecot's auth process runs as its internal user and must read the file.
         try:
             tmp.chmod(0o640)
             os.chown(tmp, 0, grp.getgrnam(_INTERNAL_USER).gr_gid)
         except KeyError:
             tmp.chmod(0o644)
-        tmp.replace(self.users_path)
+        tmp.replace(self.passwd_dir / name)
 
     # -- clients -----------------------------------------------------------------------------
 
@@ -360,9 +359,10 @@ class Dovecot:
         _check_traversable(self.root, self._uid, self._gid)
         if not _DH_PEM.is_file():
             raise DovecotError(f"{_DH_PEM} is missing: install dovecot-core")
-        for folder in (self.base_dir, self.state_dir, self.mail_dir):
+        for folder in (self.base_dir, self.state_dir, self.mail_dir, self.passwd_dir):
             folder.mkdir(exist_ok=True)
         self.mail_dir.chmod(0o755)
+        self.passwd_dir.chmod(0o755)
         leaf = self._ca.issue_cert(self.server_name, "127.0.0.1")
         self._ca.cert_pem.write_to_path(str(self.ca_pem_path))
         leaf.private_key_pem.write_to_path(str(self.key_path))
@@ -371,8 +371,6 @@ class Dovecot:
         with self.cert_path.open("wb") as f:
             for blob in leaf.cert_chain_pems:
                 f.write(blob.bytes())
-        if not self.users_path.exists():
-            self._write_users()
         self.conf_path.write_text(self._config(), encoding="utf-8")
         self._prepared = True
 
@@ -400,11 +398,11 @@ auth_cache_size = 0
 auth_failure_delay = {self.auth_failure_delay} secs
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%n {self.users_path}
+  args = scheme=PLAIN username_format=%n {self.passwd_dir}/%n
 }}
 userdb {{
   driver = passwd-file
-  args = username_format=%n {self.users_path}
+  args = username_format=%n {self.passwd_dir}/%n
 }}
 first_valid_uid = 1
 mail_location = maildir:~/Maildir
@@ -426,6 +424,12 @@ service auth {{
 }}
 service anvil {{
   client_limit = {auth_clients}
+  # No auth penalty: all test logins come from 127.0.0.1, and after a failed one Dovecot
+  # would delay every later login from there by 2-15 s. Mode 0 drops the socket; auth
+  # then runs without penalties (silently: a missing socket is not an error).
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 protocol pop3 {{
   mail_max_userip_connections = {self.userip_connections}
