@@ -537,8 +537,13 @@ def tool_versions() -> dict[str, str]:
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     sizes = Sizes.quick() if args.quick else Sizes.full()
-    if args.message_mib is not None:
-        sizes = Sizes(int(args.message_mib * MIB), sizes.noops, sizes.sessions)
+    sizes = Sizes(
+        message_bytes=sizes.message_bytes
+        if args.message_mib is None
+        else int(args.message_mib * MIB),
+        noops=sizes.noops if args.noops is None else args.noops,
+        sessions=sizes.sessions if args.sessions is None else args.sessions,
+    )
     names = [name.strip() for name in args.relays.split(",") if name.strip()]
     unknown = sorted(set(names) - set(RELAY_NAMES))
     if unknown or not names:
@@ -628,6 +633,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(RELAY_NAMES)} (default: all)",
     )
     parser.add_argument("--message-mib", type=float, help="size of the RETR message in MiB")
+    parser.add_argument("--noops", type=int, help="NOOPs per relay and round (default 5000)")
+    parser.add_argument("--sessions", type=int, help="sessions per relay and round (default 200)")
     parser.add_argument(
         "--check",
         action="store_true",
@@ -638,6 +645,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be 1..100")
     if args.message_mib is not None and not 0.01 <= args.message_mib <= 1024:
         parser.error("--message-mib must be 0.01..1024")
+    if args.noops is not None and not 1 <= args.noops <= 1_000_000:
+        parser.error("--noops must be 1..1000000")
+    if args.sessions is not None and not 1 <= args.sessions <= 100_000:
+        parser.error("--sessions must be 1..100000")
     return args
 
 
