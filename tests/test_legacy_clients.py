@@ -118,6 +118,44 @@ def test_fetchmail_delivers_byte_identical_messages(
     assert_no_password_logged(proxy, loaded_mailbox.password)
 
 
+def test_fetchmail_daily_poll_remembers_seen_messages(
+    proxy: ProxyProcess, loaded_mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """Without ``fetchall`` (a user's usual rc file) fetchmail asks ``LAST`` (RFC 1460, which
+    Dovecot refuses) and then ``UIDL``: the first poll gets everything, the second nothing."""
+    first_since = len(proxy.events())
+    first = run_fetchmail(
+        tmp_path,
+        port=proxy.port,
+        user=loaded_mailbox.user,
+        password=loaded_mailbox.password,
+        fetchall=False,
+    )
+    assert first.returncode == 0, first.summary()
+    assert first.messages == list(loaded_mailbox.messages), first.summary()
+    _, first_session = login_session(proxy, first_since, loaded_mailbox.user)
+    commands = [e for e in first_session if e.get("event") == "pop3.command"]
+    assert [e["status"] for e in commands if e["verb"] == "LAST"] == ["-ERR"], commands
+    assert [e["status"] for e in commands if e["verb"] == "UIDL"] == ["+OK"], commands
+    assert len(retr_commands(first_session)) == len(loaded_mailbox.messages)
+
+    second_since = len(proxy.events())
+    second = run_fetchmail(
+        tmp_path,
+        port=proxy.port,
+        user=loaded_mailbox.user,
+        password=loaded_mailbox.password,
+        fetchall=False,
+    )
+    # fetchmail's exit status 1 means "no new mail".
+    assert second.returncode == 1, second.summary()
+    assert second.messages == [], second.summary()
+    _, second_session = login_session(proxy, second_since, loaded_mailbox.user)
+    assert not retr_commands(second_session), second_session
+    uidl = [e for e in second_session if e.get("event") == "pop3.command" and e["verb"] == "UIDL"]
+    assert [e["status"] for e in uidl] == ["+OK"], second_session
+
+
 def test_fetchmail_without_sslproto_trips_on_stls(
     proxy: ProxyProcess, loaded_mailbox: Mailbox, tmp_path: Path
 ) -> None:

@@ -125,9 +125,7 @@ def assert_refused(proxy: ProxyProcess, exchange: Exchange, reason: str, phase: 
     assert exchange.rest == b"", exchange
     session_id = proxy.session_id_for(exchange.client_port)
     closed = proxy.wait_session_closed(session_id)
-    failures = [
-        e for e in proxy.session_events(session_id) if e.get("event") == "upstream.failed"
-    ]
+    failures = [e for e in proxy.session_events(session_id) if e.get("event") == "upstream.failed"]
     assert len(failures) == 1, proxy.session_events(session_id)
     failure = failures[0]
     assert failure["reason"] == reason, failure
@@ -168,9 +166,7 @@ def assert_relays_good_upstream(proxy: ProxyProcess, server: POP3STestServer, se
     session_id = proxy.session_id_for(exchange.client_port)
     proxy.wait_session_closed(session_id)
     established = [
-        e
-        for e in proxy.session_events(session_id)
-        if e.get("event") == "upstream.tls_established"
+        e for e in proxy.session_events(session_id) if e.get("event") == "upstream.tls_established"
     ]
     assert len(established) == 1, proxy.session_events(session_id)
     assert established[0]["tls_version"] in {"TLSv1.2", "TLSv1.3"}, established

@@ -116,28 +116,33 @@ def run_fetchmail(
     host: str = "127.0.0.1",
     sslproto_off: bool = True,
     auth: str | None = None,
+    fetchall: bool = True,
     timeout: float = 120.0,
 ) -> ClientRun:
     """Poll ``host:port`` once with fetchmail (plain POP3, keep mail) and collect deliveries.
 
     Args:
-        workdir: an empty folder for the rc file, HOME, the MDA script and the deliveries.
+        workdir: a folder for the rc file, HOME, the MDA script and the deliveries; runs in
+            the same ``workdir`` share fetchmail's memory of seen messages (``.fetchids``).
         sslproto_off: write ``sslproto ''``. fetchmail >= 6.4 otherwise sends ``STLS`` on a
             plaintext connection and gives up when the server says ``-ERR``, which is what
             pop3proxy answers (it already speaks TLS to the upstream).
         auth: fetchmail's ``auth`` keyword (``password`` forces USER/PASS); by default it
             picks what CAPA offers (CRAM-MD5 with Dovecot).
+        fetchall: fetch every message; without it fetchmail fetches only those it has not
+            seen (``LAST``, then ``UIDL``) like a user's daily poll.
     """
     binary = require_client("fetchmail")
     home = workdir / "home"
-    outdir = workdir / "delivered"
-    home.mkdir(parents=True)
-    outdir.mkdir()
+    home.mkdir(parents=True, exist_ok=True)
+    outdir = Path(tempfile.mkdtemp(prefix="delivered-", dir=workdir))
     mda = workdir / "mda.sh"
     mda.write_text(_MDA_SCRIPT, encoding="utf-8")
     mda.chmod(0o700)
 
-    options = ["keep", "fetchall", "no rewrite", "no stripcr", "no mimedecode"]
+    options = ["keep", "no rewrite", "no stripcr", "no mimedecode"]
+    if fetchall:
+        options.insert(1, "fetchall")
     if sslproto_off:
         options.insert(0, "sslproto ''")
     auth_clause = f" auth {_check_value('auth', auth)}" if auth else ""
@@ -148,7 +153,7 @@ def run_fetchmail(
         f"  {' '.join(options)}\n"
         f'  mda "{mda} {outdir}"\n'
     )
-    rc_path = workdir / "fetchmailrc"
+    rc_path = outdir.with_name(f"fetchmailrc-{outdir.name}")
     # fetchmail insists on mode 0600 and on the file belonging to the user running it.
     fd = os.open(rc_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as rc:
