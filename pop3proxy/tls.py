@@ -79,16 +79,17 @@ def make_upstream_context(ca_file: Path | None, min_version: str = "1.2") -> ssl
     With ``ca_file`` the system store is replaced by that CA: a private CA is the usual
     reason to set it, and trusting both would widen who may impersonate the server.
     """
+    # Not ssl.create_default_context(): it opens $SSLKEYLOGFILE as soon as it is set.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca_file is None:
-        context = ssl.create_default_context()
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
-        context = ssl.create_default_context(cafile=str(ca_file))
+        context.load_verify_locations(cafile=str(ca_file))
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = _TLS_VERSIONS[min_version]
     # A peer that drops TCP without close_notify must show up as such (truncation).
     context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
-    context.keylog_filename = None  # type: ignore[assignment]  # typeshed lacks None
     return context
 
 
