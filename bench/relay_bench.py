@@ -104,13 +104,18 @@ def free_port() -> int:
         return port
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads, live and exited)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` (all its threads, live and exited)."""
     stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
     # Field 2 (comm) may contain spaces and parentheses: split after its closing one.
     fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``."""
+    return sum(cpu_times(pid))
 
 
 @dataclass
@@ -353,6 +358,7 @@ class RoundResult:
     retr_octets: int = 0
     retr_seconds: float = 0.0
     retr_cpu_seconds: float = 0.0
+    retr_sys_seconds: float = 0.0
     noop_count: int = 0
     noop_rtt_us: list[float] = field(default_factory=list)
     noop_cpu_seconds: float = 0.0
@@ -393,11 +399,13 @@ def measure_bulk(relay: Relay, sizes: Sizes, result: RoundResult) -> None:
     with PopClient.connect(relay.port) as client:
         client.login(BULK_USER, BULK_PASSWORD)
 
-        cpu0 = cpu_seconds(relay.pid)
+        user0, sys0 = cpu_times(relay.pid)
         t0 = time.perf_counter()
         octets, _ = client.retr(1)
         result.retr_seconds = time.perf_counter() - t0
-        result.retr_cpu_seconds = cpu_seconds(relay.pid) - cpu0
+        user1, sys1 = cpu_times(relay.pid)
+        result.retr_cpu_seconds = (user1 - user0) + (sys1 - sys0)
+        result.retr_sys_seconds = sys1 - sys0
         result.retr_octets = octets
         if octets < sizes.message_bytes:
             raise BenchError(f"{relay.name}: RETR gave {octets} octets, fewer than the message")
@@ -459,6 +467,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     # key, label, format
     ("retr_mib_s", "RETR throughput, MiB/s (median)", "{:.1f}"),
     ("cpu_s_per_gib", "relay CPU s per GiB relayed", "{:.2f}"),
+    ("sys_cpu_s_per_gib", "  of which system (kernel)", "{:.2f}"),
     ("noop_rtt_median_us", "NOOP round trip median, us", "{:.0f}"),
     ("noop_rtt_p99_us", "NOOP round trip p99, us", "{:.0f}"),
     ("sessions_per_s", "sessions per second (median)", "{:.1f}"),
@@ -474,6 +483,7 @@ def aggregate(results: Sequence[RoundResult]) -> dict[str, float]:
     out = {key: statistics.median(s[key] for s in per_round) for key in per_round[0]}
     octets = sum(r.retr_octets for r in results)
     out["cpu_s_per_gib"] = sum(r.retr_cpu_seconds for r in results) / (octets / GIB)
+    out["sys_cpu_s_per_gib"] = sum(r.retr_sys_seconds for r in results) / (octets / GIB)
     noops = sum(r.noop_count for r in results)
     out["noop_cpu_us"] = sum(r.noop_cpu_seconds for r in results) / noops * 1e6
     sessions = sum(r.sessions for r in results)
