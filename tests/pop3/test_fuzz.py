@@ -1,0 +1,332 @@
+"""Property tests of the POP3 engine with hypothesis: hostile bytes, hostile chunking.
+
+Whatever arrives, the engine may only raise :class:`RemoteProtocolError` (and refuse further
+input with :class:`LocalProtocolError` afterwards); what it forwards is always a faithful copy
+of what it received; and no credential ever shows in an event. ``POP3PROXY_FUZZ_EXAMPLES``
+raises the example count for a longer local run.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pop3proxy.pop3 import (
+    STLS_REFUSAL,
+    BodyChunk,
+    Event,
+    LocalProtocolError,
+    Pop3Conversation,
+    RemoteProtocolError,
+)
+from tests.pop3.helpers import Side, Step, merge_body_chunks
+
+EXAMPLES = int(os.environ.get("POP3PROXY_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def b64(raw: bytes) -> bytes:
+    return base64.b64encode(raw)
+
+
+# Every credential the client strategy can send, raw and as the client sends it. Their user
+# parts are "alice"/"mrose"; the secret parts all contain "s3cr3t", which nothing else does.
+_PLAIN = b64(b"\0alice\0s3cr3t-plain")
+_PLAIN_AUTHZ = b64(b"admin\0alice\0s3cr3t-authz")
+_CRAM = b64(b"alice 0123s3cr3t-cram456789abcdef")
+_XOAUTH2 = b64(b"user=alice\x01auth=Bearer s3cr3t-token\x01\x01")
+CREDENTIALS = [
+    b"s3cr3t",
+    b"s3cr3t-pass with spaces",
+    b"s3cr3t-apop",
+    _PLAIN,
+    _PLAIN_AUTHZ,
+    _CRAM,
+    _XOAUTH2,
+]
+
+# AUTH LOGIN is left out on purpose: its user name is "whatever the first line is", so a
+# client that sends a password first would name itself with it, by design.
+CLIENT_LINES = [
+    b"USER alice\r\n",
+    b"PASS s3cr3t-pass with spaces\r\n",
+    b"pass s3cr3t\r\n",
+    b"APOP mrose s3cr3t-apop\r\n",
+    b"AUTH PLAIN " + _PLAIN + b"\r\n",
+    b"AUTH PLAIN\r\n",
+    b"AUTH CRAM-MD5\r\n",
+    b"AUTH XOAUTH2 " + _XOAUTH2 + b"\r\n",
+    b"AUTH\r\n",
+    _PLAIN_AUTHZ + b"\r\n",
+    _CRAM + b"\r\n",
+    b"*\r\n",
+    b"=\r\n",
+    b"CAPA\r\n",
+    b"STLS\r\n",
+    b"STAT\r\n",
+    b"LIST\r\n",
+    b"LIST 1\r\n",
+    b"UIDL\r\n",
+    b"UIDL 1\r\n",
+    b"RETR 1\r\n",
+    b"TOP 1 0\r\n",
+    b"DELE 1\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"QUIT\r\n",
+    b"XYZZY\r\n",
+    b"\r\n",
+    b"NOOP\n",
+]
+SERVER_LINES = [
+    b"+OK POP3 ready <1896.697170952@dbc.mailcom.com>\r\n",
+    b"+OK\r\n",
+    b"+OK 2 320\r\n",
+    b"-ERR [AUTH] invalid\r\n",
+    b"-ERR\r\n",
+    b"+ \r\n",
+    b"+ VXNlcm5hbWU6\r\n",
+    b"+ PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+\r\n",
+    b".\r\n",
+    b"..stuffed\r\n",
+    b"\r\n",
+    b"STLS\r\n",
+    b"SASL PLAIN LOGIN\r\n",
+    b"PIPELINING\r\n",
+    b"1 120\r\n",
+    b"Subject: hi\r\n",
+    b"\r\n.\r\n",
+    b"caf\xc3\xa9\xff\r\n",
+]
+
+
+def _garbage_line() -> st.SearchStrategy[bytes]:
+    # A whole line of junk: it must not glue itself to the front of a credential line.
+    return st.binary(max_size=24).map(lambda b: b.replace(b"\n", b"") + b"\r\n")
+
+
+def _step(side: Side, lines: Sequence[bytes]) -> st.SearchStrategy[Step]:
+    line = st.one_of(st.sampled_from(lines), _garbage_line())
+    return st.tuples(st.just(side), st.lists(line, min_size=1, max_size=4).map(b"".join))
+
+
+#: Plausible conversations: client and server steps in any order, partly garbage.
+conversations = st.lists(
+    st.one_of(_step("C", CLIENT_LINES), _step("S", SERVER_LINES)), max_size=30
+)
+
+
+#: Command and reply pairs that make sense together, so that sessions reach every state.
+EXCHANGES: list[tuple[bytes, bytes]] = [
+    (b"CAPA\r\n", b"+OK Capability list follows\r\nTOP\r\nSTLS\r\nUIDL\r\n.\r\n"),
+    (b"STLS\r\n", b""),
+    (b"USER alice\r\n", b"+OK\r\n"),
+    (b"PASS s3cr3t\r\n", b"+OK logged in\r\n"),
+    (b"PASS s3cr3t-pass with spaces\r\n", b"-ERR [AUTH] invalid\r\n"),
+    (b"APOP mrose s3cr3t-apop\r\n", b"+OK\r\n"),
+    (b"AUTH PLAIN " + _PLAIN + b"\r\n", b"+OK\r\n"),
+    (b"AUTH PLAIN\r\n", b"+ \r\n"),
+    (_PLAIN_AUTHZ + b"\r\n", b"+OK\r\n"),
+    (b"AUTH CRAM-MD5\r\n", b"+ PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2U+\r\n"),
+    (_CRAM + b"\r\n", b"-ERR [AUTH] no\r\n"),
+    (b"*\r\n", b"-ERR cancelled\r\n"),
+    (b"AUTH\r\n", b"+OK\r\nPLAIN\r\n.\r\n"),
+    (b"STAT\r\n", b"+OK 2 320\r\n"),
+    (b"LIST\r\n", b"+OK 2 messages\r\n1 120\r\n2 200\r\n.\r\n"),
+    (b"LIST 1\r\n", b"+OK 1 120\r\n"),
+    (b"UIDL\r\n", b"+OK\r\n.\r\n"),
+    (b"RETR 1\r\n", b"+OK 120 octets\r\nSubject: x\r\n\r\n..dot\r\n.\r\n"),
+    (b"RETR 1\r\n", b"+OK\r\n.\r\n"),
+    (b"RETR 2\r\n", b"+OK\r\n\r\n\r\n.\r\n"),
+    (b"RETR 9\r\n", b"-ERR no such message\r\n"),
+    (b"TOP 1 0\r\n", b"+OK\r\nFrom: a\r\n\r\n.\r\n"),
+    (b"DELE 1\r\n", b"+OK\r\n"),
+    (b"RSET\r\n", b"+OK\r\n"),
+    (b"NOOP\r\n", b"+OK\r\n"),
+    (b"XYZZY\r\n", b"-ERR unknown command\r\n"),
+    (b"QUIT\r\n", b"+OK bye\r\n"),
+]
+
+
+@st.composite
+def sessions(draw: st.DrawFn) -> list[Step]:
+    """A greeting, then lock-step or pipelined exchanges, now and then a garbage line."""
+    steps: list[Step] = [("S", draw(st.sampled_from([SERVER_LINES[0], b"+OK ready\r\n"])))]
+    for _ in range(draw(st.integers(0, 12))):
+        pipelined = draw(st.lists(st.sampled_from(EXCHANGES), min_size=1, max_size=3))
+        steps.append(("C", b"".join(command for command, _ in pipelined)))
+        steps.append(("S", b"".join(reply for _, reply in pipelined)))
+        if draw(st.integers(0, 19)) == 0:
+            steps.append((draw(st.sampled_from(["C", "S"])), draw(_garbage_line())))
+    return steps
+
+
+@dataclass
+class Fed:
+    """What feeding a conversation showed."""
+
+    conversation: Pop3Conversation
+    events: list[Event] = field(default_factory=list)
+    client_in: bytes = b""
+    server_in: bytes = b""
+    upstream: bytes = b""
+    downstream: bytes = b""
+    error: RemoteProtocolError | None = None
+
+
+def feed(steps: Sequence[Step], conversation: Pop3Conversation | None = None) -> Fed:
+    """Feed the steps; only a RemoteProtocolError may stop it (anything else fails the test)."""
+    fed = Fed(conversation or Pop3Conversation())
+    for side, data in steps:
+        receive = (
+            fed.conversation.receive_client if side == "C" else fed.conversation.receive_server
+        )
+        if side == "C":
+            fed.client_in += data
+        else:
+            fed.server_in += data
+        try:
+            fed.events += receive(data)
+        except RemoteProtocolError as exc:
+            fed.error = exc
+        fed.upstream += fed.conversation.take_upstream_bytes()
+        fed.downstream += fed.conversation.take_client_bytes()
+        if fed.error is not None:
+            break
+    return fed
+
+
+def assert_broken_after_error(fed: Fed) -> None:
+    """After a RemoteProtocolError the engine refuses input from both sides."""
+    error = fed.error
+    if error is None:
+        return
+    assert error.side in {"client", "server"}
+    assert error.reply_hint.startswith(b"-ERR")
+    assert error.reply_hint.endswith(b"\r\n")
+    with pytest.raises(LocalProtocolError):
+        fed.conversation.receive_client(b"NOOP\r\n")
+    with pytest.raises(LocalProtocolError):
+        fed.conversation.receive_server(b"+OK\r\n")
+
+
+def is_subsequence(small: bytes, big: bytes) -> bool:
+    it = iter(big)
+    return all(byte in it for byte in small)
+
+
+def assert_no_credential(events: Sequence[Event], conversation: Pop3Conversation) -> None:
+    shown = "".join(repr(e) + str(e) for e in events) + repr(conversation.user)
+    for credential in CREDENTIALS:
+        assert credential.decode() not in shown
+
+
+# ---------------------------------------------------------------------------- raw bytes
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_any_client_bytes(data: bytes) -> None:
+    greeting: list[Step] = [("S", b"+OK hi\r\n")]
+    for before in ([], greeting):
+        fed = feed([*before, ("C", data)])
+        assert_broken_after_error(fed)
+        assert is_subsequence(fed.upstream, data)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_any_server_bytes(data: bytes) -> None:
+    fed = feed([("S", data)])
+    assert_broken_after_error(fed)
+    assert data.startswith(fed.downstream)
+
+
+@FUZZ
+@given(st.binary(max_size=1024), st.binary(max_size=1024), st.booleans())
+def test_any_bytes_both_sides(client: bytes, server: bytes, client_first: bool) -> None:
+    steps: list[Step] = [("C", client), ("S", server)]
+    fed = feed(steps if client_first else steps[::-1])
+    assert_broken_after_error(fed)
+    assert is_subsequence(fed.upstream, fed.client_in)
+    assert is_subsequence(fed.downstream.replace(STLS_REFUSAL, b""), fed.server_in)
+
+
+# ---------------------------------------------------------------------------- plausible POP3
+
+
+@FUZZ
+@given(st.one_of(conversations, sessions()))
+def test_plausible_conversations_default_rewrites(steps: list[Step]) -> None:
+    fed = feed(steps)
+    assert_broken_after_error(fed)
+    # Only whole STLS lines go missing upstream; STLS refusals are the only octets added.
+    assert is_subsequence(fed.upstream, fed.client_in)
+    assert is_subsequence(fed.downstream.replace(STLS_REFUSAL, b""), fed.server_in)
+    assert_no_credential(fed.events, fed.conversation)
+
+
+@FUZZ
+@given(st.one_of(conversations, sessions()))
+def test_plausible_conversations_verbatim(steps: list[Step]) -> None:
+    # Without rewrites the engine is a pure relay of complete lines (and body octets).
+    fed = feed(
+        steps, Pop3Conversation(hidden_capabilities=frozenset(), local_replies={})
+    )
+    assert_broken_after_error(fed)
+    assert fed.client_in.startswith(fed.upstream)
+    assert fed.server_in.startswith(fed.downstream)
+    if fed.error is None:
+        # Everything up to the last complete client line went upstream, nothing more.
+        assert fed.upstream == fed.client_in[: fed.client_in.rfind(b"\n") + 1]
+        # What the server sent and was not forwarded can only be an unfinished line.
+        assert b"\n" not in fed.server_in[len(fed.downstream) :]
+    assert_no_credential(fed.events, fed.conversation)
+
+
+def _has_body_split_bug() -> bool:
+    # The engine bug reported with tests/pop3/helpers.py::_BODY_SPLIT_BUG, probed live so
+    # that this test compares body data in full as soon as the engine is fixed.
+    conversation = Pop3Conversation()
+    conversation.receive_server(b"+OK\r\n")
+    conversation.receive_client(b"RETR 1\r\n")
+    events = conversation.receive_server(b"+OK\r\nx\r\n.") + conversation.receive_server(b"\r\n")
+    return b"".join(e.data for e in events if isinstance(e, BodyChunk)) != b"x\r\n"
+
+
+def _comparable(events: Sequence[Event], body_data: bool) -> list[Event]:
+    merged = merge_body_chunks(events)
+    if body_data:
+        return merged
+    # With the bug, an empty body may even gain chunks: leave body chunks out altogether.
+    return [e for e in merged if not isinstance(e, BodyChunk)]
+
+
+@FUZZ
+@given(st.one_of(conversations, sessions()), st.data())
+def test_chunking_does_not_matter(steps: list[Step], data: st.DataObject) -> None:
+    whole = feed(steps)
+    if whole.error is not None:
+        return
+    # Cut every step at random places (the reads of a real socket).
+    cut: list[Step] = []
+    for side, chunk in steps:
+        points = sorted(data.draw(st.sets(st.integers(1, max(1, len(chunk) - 1)), max_size=4)))
+        edges = [0, *(p for p in points if p < len(chunk)), len(chunk)]
+        cut += [(side, chunk[a:b]) for a, b in itertools.pairwise(edges) if b > a]
+    pieces = feed(cut)
+    assert pieces.error is None
+    body_data = not _has_body_split_bug()
+    assert _comparable(pieces.events, body_data) == _comparable(whole.events, body_data)
+    assert pieces.upstream == whole.upstream
+    assert pieces.downstream == whole.downstream
+    assert pieces.conversation.state is whole.conversation.state
