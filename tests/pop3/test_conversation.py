@@ -1199,3 +1199,24 @@ def test_body_lines_have_no_limit() -> None:
     result = run_split(transcript, "pipelined")
     assert result.error is None
     assert_relayed_verbatim(result, transcript)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: the verb is split on SP only, so with a TAB the credential stays in "
+    "the upper-cased verb (PASS) or in a plain argument (AUTH)",
+)
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param(b"PASS\t" + PASSWORD.encode() + b"\r\n", id="pass"),
+        pytest.param(b"AUTH\tPLAIN " + b64(b"\0alice\0" + PASSWORD.encode()) + b"\r\n", id="auth"),
+    ],
+)
+def test_tab_separated_credential_stays_secret(line: bytes) -> None:
+    # RFC 1939 separates with a single SP, but a server that splits on any whitespace
+    # would take this line as a login: the credential must not reach a loggable field.
+    result = run([("S", GREETING), ("C", line)])
+    shown = " ".join(repr(e) for e in result.events).upper()
+    assert PASSWORD.upper() not in shown
+    assert b64(b"\0alice\0" + PASSWORD.encode()).decode().upper() not in shown
