@@ -862,6 +862,8 @@ def test_states_through_a_session(split: Split) -> None:
         State.UPDATE,
     ]
     result = run(transcript)
+    assert result.conversation.quit_acknowledged
+    assert not run(transcript[:-1]).conversation.quit_acknowledged
     assert result.conversation.server_closed() == [
         ConnectionClosed(side="server", clean=True, state=State.CLOSED)
     ]
@@ -871,6 +873,7 @@ def test_quit_before_login_closes(split: Split) -> None:
     transcript: Transcript = [("S", GREETING), ("C", b"QUIT\r\n"), ("S", b"+OK bye\r\n")]
     result = run_split(transcript, split)
     assert result.state is State.CLOSED
+    assert result.conversation.quit_acknowledged
     assert result.conversation.server_closed() == [
         ConnectionClosed(side="server", clean=True, state=State.CLOSED)
     ]
@@ -887,6 +890,7 @@ def test_refused_quit_keeps_state(split: Split) -> None:
     ]
     result = run_split(transcript, split)
     assert result.state is State.TRANSACTION
+    assert not result.conversation.quit_acknowledged
 
 
 # ---------------------------------------------------------------------------- whole sessions
