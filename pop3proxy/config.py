@@ -60,8 +60,8 @@ class ConfigError(Exception):
     """A setting has a bad value, or a required one is missing.
 
     Args:
-        setting: the setting's name (``"upstream_ca_file"``) or, for problems with no single
-            setting, any short label.
+        setting: the setting's name (``"upstream_ca_file"``, or ``"config"`` for the file
+            itself); the message shows it as its flag.
         problem: what is wrong, without a trailing period.
         origin: where the bad value came from; ``None`` when it came from nowhere (missing).
         config_file: the TOML file, when ``origin`` is :attr:`Origin.FILE`.
@@ -101,7 +101,6 @@ class Origin(enum.Enum):
     FLAG = "flag"
     ENV = "environment"
     FILE = "config file"
-    DEFAULT = "default"
 
 
 # --------------------------------------------------------------------------------------------
