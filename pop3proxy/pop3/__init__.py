@@ -7,10 +7,12 @@ tells you which octets to forward. See :class:`Pop3Conversation`.
 from __future__ import annotations
 
 from pop3proxy.pop3.conversation import (
+    KNOWN_VERBS,
     MAX_COMMAND_LINE,
     MAX_SASL_LINE,
     MAX_STATUS_LINE,
     STLS_REFUSAL,
+    UNKNOWN_VERB,
     Pop3Conversation,
     parse_status,
 )
@@ -39,10 +41,12 @@ from pop3proxy.pop3.events import (
 )
 
 __all__ = [
+    "KNOWN_VERBS",
     "MAX_COMMAND_LINE",
     "MAX_SASL_LINE",
     "MAX_STATUS_LINE",
     "STLS_REFUSAL",
+    "UNKNOWN_VERB",
     "BodyChunk",
     "BodyEnd",
     "CapabilityLine",

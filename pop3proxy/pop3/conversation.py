@@ -63,10 +63,12 @@ from pop3proxy.pop3.events import (
 )
 
 __all__ = [
+    "KNOWN_VERBS",
     "MAX_COMMAND_LINE",
     "MAX_SASL_LINE",
     "MAX_STATUS_LINE",
     "STLS_REFUSAL",
+    "UNKNOWN_VERB",
     "Pop3Conversation",
     "parse_status",
 ]
@@ -97,6 +99,20 @@ _MULTILINE_WITHOUT_ARGS = frozenset({"LIST", "UIDL", "AUTH"})
 #: Commands whose arguments are all secret. RPOP (RFC 1081) is obsolete but carries a
 #: credential-like token.
 _ALL_ARGS_SECRET = frozenset({"PASS", "RPOP"})
+
+#: Verbs reported by name. Any other first word is reported as ``UNKNOWN`` with the whole
+#: line as a secret: a confused client (or a person at telnet) may send a bare password.
+#: RFC 1939, RFC 1081/1460 (RPOP, LAST), RFC 2449 (CAPA), RFC 2595 (STLS), RFC 5034 (AUTH),
+#: RFC 6856 (UTF8, LANG), and extensions seen in the wild (XTND, XCLIENT).
+KNOWN_VERBS = frozenset(
+    {
+        "USER", "PASS", "APOP", "AUTH", "QUIT", "STAT", "LIST", "RETR", "DELE", "NOOP",
+        "RSET", "TOP", "UIDL", "CAPA", "STLS", "RPOP", "LAST", "UTF8", "LANG", "XTND",
+        "XCLIENT",
+    }
+)  # fmt: skip
+UNKNOWN_VERB = "UNKNOWN"
+_FIRST_WORD = re.compile(r"(\S*)\s?(.*)", re.DOTALL)
 
 #: Pseudo verb for the state table: AUTH with a mechanism is a login, AUTH alone is a listing.
 _SASL = "AUTH <mechanism>"
@@ -238,6 +254,7 @@ class Pop3Conversation:
         self._body: _Pending | None = None
         self._body_by_line = False
         self._tail = b""
+        self._held = b""
         self._to_server: list[tuple[int, bytes]] = []
         self._to_client: list[bytes] = []
         self._broken = False
@@ -473,30 +490,38 @@ class Pop3Conversation:
         """Forward body octets from ``data[pos:]`` up to the terminator; return where it stopped.
 
         Only the last four octets of the body so far are kept, to find a terminator split
-        across two reads; the body itself is never copied into a buffer.
+        across two reads; the body itself is never copied into a buffer. Octets are
+        forwarded at once, but a read that ends in what may be the start of the terminator
+        (``CRLF .`` or ``CRLF . CR``) holds those octets back from its :class:`BodyChunk`
+        until the next read tells whether they were body or terminator.
         """
         head = self._body
         if head is None:  # pragma: no cover - guarded by the caller
             raise LocalProtocolError("no body in progress")
-        tail = self._tail
+        tail, held = self._tail, self._held
         probe = tail + data[pos : pos + 4]
         found = probe.find(_TERMINATOR)
-        if found >= 0:
+        if found >= 0:  # the terminator began in an earlier read: what was held is part of it
             end = pos + found + len(_TERMINATOR) - len(tail)
+            held = b""
         else:
             found = data.find(_TERMINATOR, pos)
             end = found + len(_TERMINATOR) if found >= 0 else -1
         if end < 0:
             chunk = data if pos == 0 else data[pos:]
-            self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
             head.reply_octets += len(chunk)
             self._to_client.append(chunk)
-            events.append(BodyChunk(head.command, chunk))
+            self._tail = tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
+            hold = 2 if tail == b"\r\n.\r" else 1 if tail.endswith(b"\r\n.") else 0
+            body = held + chunk if held else chunk
+            self._held = body[len(body) - hold :] if hold else b""
+            if len(body) > hold:
+                events.append(BodyChunk(head.command, body[: len(body) - hold] if hold else body))
             return len(data)
         chunk = data[pos:end]
         head.reply_octets += len(chunk)
         self._to_client.append(chunk)
-        body = data[pos : end - 3]
+        body = held + data[pos : max(pos, end - 3)]
         if body:
             events.append(BodyChunk(head.command, body))
         self._end_body(events)
@@ -507,7 +532,7 @@ class Pop3Conversation:
         if head is None:  # pragma: no cover - guarded by the callers
             raise LocalProtocolError("no body in progress")
         self._body = None
-        self._tail = b""
+        self._tail = self._held = b""
         events.append(BodyEnd(head.command))
         self._complete(head.status or Status(ok=True, code=None, text=""), events)
 
@@ -582,10 +607,17 @@ class Pop3Conversation:
 
 
 def _parse_command(seq: int, line: bytes) -> Command:
-    """Split a command line into verb and arguments, marking secrets (RFC 1939 section 3)."""
+    """Split a command line into verb and arguments, marking secrets (RFC 1939 section 3).
+
+    The verb ends at the first white space of any kind: a server that splits on TAB must
+    not see a login here that the log shows as something else.
+    """
     text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-    verb, _, rest = text.partition(" ")
-    verb = verb.upper()
+    match = _FIRST_WORD.match(text)
+    word, rest = (match.group(1), match.group(2)) if match else ("", "")
+    verb = word.upper()
+    if verb not in KNOWN_VERBS:
+        return Command(seq, UNKNOWN_VERB, (Secret(text),) if text else ())
     if verb in _ALL_ARGS_SECRET:
         # RFC 1939 section 7: a password may contain spaces; it is the rest of the line.
         return Command(seq, verb, (Secret(rest),) if rest else ())
