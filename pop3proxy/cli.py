@@ -19,7 +19,7 @@ import importlib
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -34,7 +34,15 @@ from pop3proxy.config import (
     load_settings,
 )
 
-__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "parse_command_line"]
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "Option",
+    "UsageError",
+    "build_parser",
+    "main",
+    "parse_command_line",
+]
 
 PROG = "pop3proxy"
 EXIT_OK = 0
@@ -64,6 +72,18 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Option:
+    """A subcommand option that is not a setting (e.g. ``check --json``).
+
+    ``flags`` and ``kwargs`` go to ``ArgumentParser.add_argument``; ``kwargs`` must include
+    ``dest`` and ``help``. The parsed value reaches ``Command.run`` in its ``options`` mapping.
+    """
+
+    flags: tuple[str, ...]
+    kwargs: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Command:
     """One subcommand.
 
@@ -71,19 +91,22 @@ class Command:
         name: as typed after ``pop3proxy``.
         summary: one line for ``pop3proxy --help``.
         description: the subcommand's own ``--help`` text.
-        run: does the work, returns the exit status.
+        run: does the work with the settings and the values of ``options``; returns the
+            exit status.
         settings: names of the settings it reads (``"config"`` for ``--config``); None for all.
         defaults: defaults that differ from the declared ones.
         required: settings that must be given.
+        options: options of this command that are not settings.
     """
 
     name: str
     summary: str
     description: str
-    run: Callable[[Settings], int]
+    run: Callable[[Settings, Mapping[str, Any]], int]
     settings: tuple[str, ...] | None = None
     defaults: Mapping[str, object] = field(default_factory=dict)
     required: tuple[str, ...] = ()
+    options: tuple[Option, ...] = ()
 
     def specs(self) -> list[Setting]:
         """The settings this command reads, in declaration order (``--config`` last)."""
@@ -127,13 +150,13 @@ def _run_trio(main: Callable[[Settings], Awaitable[None]], settings: Settings) -
     return EXIT_OK
 
 
-def run_serve(settings: Settings) -> int:
+def run_serve(settings: Settings, options: Mapping[str, Any]) -> int:
     """``pop3proxy serve``: run the proxy until interrupted."""
-    server = importlib.import_module("pop3proxy.server")
-    return _run_trio(server.serve, settings)
+    app = importlib.import_module("pop3proxy.app")
+    return _run_trio(app.run, settings)
 
 
-def run_demo(settings: Settings) -> int:
+def run_demo(settings: Settings, options: Mapping[str, Any]) -> int:
     """``pop3proxy demo``: run an embedded demo upstream and the proxy in front of it."""
     demo = importlib.import_module("pop3proxy.demo")
     return _run_trio(demo.run_demo, settings)
@@ -214,6 +237,8 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
                 default=argparse.SUPPRESS,  # absent flags stay absent: env/file may apply
                 help=_help_text(spec, command),
             )
+        for option in command.options:
+            sub.add_argument(*option.flags, **option.kwargs)
         sub.set_defaults(_command=command)
     return parser
 
@@ -222,8 +247,10 @@ def _one_line(text: str) -> str:
     return " ".join(text.split("\n"))
 
 
-def parse_command_line(argv: Sequence[str] | None = None) -> tuple[Command, Settings]:
-    """The command named in ``argv`` and its settings (flags > env > file > defaults).
+def parse_command_line(
+    argv: Sequence[str] | None = None,
+) -> tuple[Command, Settings, dict[str, Any]]:
+    """The command named in ``argv``, its settings (flags > env > file > defaults) and options.
 
     Raises:
         UsageError: argparse rejected ``argv``.
@@ -240,22 +267,23 @@ def parse_command_line(argv: Sequence[str] | None = None) -> tuple[Command, Sett
             f"{prog}: unrecognized arguments: {' '.join(extras)} (see '{prog} --help')"
         )
     del args["command"]
+    options = {o.kwargs["dest"]: args.pop(o.kwargs["dest"]) for o in command.options}
     settings = load_settings(
         args,
         only=[spec.name for spec in command.specs()],
         defaults=command.defaults,
         required=command.required,
     )
-    return command, settings
+    return command, settings, options
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``pop3proxy`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
-        command, settings = parse_command_line(argv)
+        command, settings, options = parse_command_line(argv)
     except (UsageError, ConfigError) as exc:
         print(_one_line(str(exc)), file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as exc:  # after --help or --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
-    return command.run(settings)
+    return command.run(settings, options)

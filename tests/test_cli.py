@@ -199,7 +199,7 @@ def test_serve_configures_logging_then_runs_server(
         await trio.lowlevel.checkpoint()
         calls.append(("serve", settings))
 
-    fake_module(monkeypatch, "pop3proxy.server", "serve", serve)
+    fake_module(monkeypatch, "pop3proxy.app", "run", serve)
     status = main(
         ["serve", "--upstream", "[::1]:2995", "--log-level", "debug", "--log-format", "json"]
     )
@@ -229,7 +229,7 @@ def test_ctrl_c_exits_0_quietly(
         else:
             await interrupted()
 
-    fake_module(monkeypatch, "pop3proxy.server", "serve", serve)
+    fake_module(monkeypatch, "pop3proxy.app", "run", serve)
     assert main(["serve", "--upstream", "h"]) == 0
     assert capsys.readouterr().err == ""
 
@@ -241,7 +241,7 @@ def test_listen_address_in_use_exits_1_with_one_line(
         await trio.lowlevel.checkpoint()
         raise OSError(errno.EADDRINUSE, "address already in use")
 
-    fake_module(monkeypatch, "pop3proxy.server", "serve", serve)
+    fake_module(monkeypatch, "pop3proxy.app", "run", serve)
     assert main(["serve", "--upstream", "h", "--listen", "127.0.0.1:2110"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
@@ -253,7 +253,7 @@ def test_other_errors_propagate(monkeypatch: pytest.MonkeyPatch, calls: Calls) -
         await trio.lowlevel.checkpoint()
         raise RuntimeError("bug")
 
-    fake_module(monkeypatch, "pop3proxy.server", "serve", serve)
+    fake_module(monkeypatch, "pop3proxy.app", "run", serve)
     with pytest.raises(RuntimeError, match="bug"):
         main(["serve", "--upstream", "h"])
 
