@@ -1,0 +1,62 @@
+"""Who may use the proxy, decided per connection and per login; pure, no I/O.
+
+The relay asks twice: :meth:`Policy.on_connect` before any upstream connection is made
+(client address only), and :meth:`Policy.on_login` when the engine has read the user name
+(USER, APOP, AUTH), before the credential reaches the upstream. Each answer is a
+:class:`Verdict`. Several policies are chained: the first ``deny`` wins; ``warn`` notices
+are collected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+__all__ = ["ALLOW", "IPAddress", "Policy", "Verdict", "combine"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One decision.
+
+    Attributes:
+        action: ``allow``; ``warn`` (allowed, but logged and counted as a client that must
+            migrate); ``deny`` (refused with ``reply``).
+        reason: a stable word for logs and metrics (``acl``, ``user_network``, ``phase``...).
+        reply: the full POP3 line (with CRLF) sent to a denied client.
+        rule: the name of the rule that decided, for the logs.
+        notice: for ``warn``: text the proxy may add to the greeting after ``+OK``.
+        dry_run: the verdict would have been ``deny`` but only logs (``--dry-run``).
+    """
+
+    action: Literal["allow", "warn", "deny"]
+    reason: str = ""
+    reply: bytes | None = None
+    rule: str | None = None
+    notice: str | None = None
+    dry_run: bool = False
+
+
+ALLOW = Verdict("allow")
+
+
+class Policy(Protocol):
+    """A source of verdicts; implementations must be quick (they run per session)."""
+
+    def on_connect(self, client: IPAddress, now: dt.datetime) -> Verdict: ...
+
+    def on_login(self, client: IPAddress, user: str, now: dt.datetime) -> Verdict: ...
+
+
+def combine(verdicts: Sequence[Verdict]) -> Verdict:
+    """The first ``deny``, else the first ``warn``, else ``ALLOW``."""
+    for action in ("deny", "warn"):
+        for verdict in verdicts:
+            if verdict.action == action:
+                return verdict
+    return ALLOW
