@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-import pytest
-
 from pop3proxy.pop3 import (
     BodyChunk,
     Command,
@@ -30,7 +28,6 @@ from pop3proxy.pop3 import (
 )
 
 __all__ = [
-    "BODY_SPLITS",
     "SPLITS",
     "Run",
     "Side",
@@ -59,25 +56,6 @@ Transcript = Sequence[Step]
 #: * ``"pipelined"``: consecutive steps of the same side are joined into one read.
 Split = Literal["boundaries", "bytes", "pipelined"]
 SPLITS: tuple[Split, ...] = ("boundaries", "bytes", "pipelined")
-
-#: Engine bug found while writing these tests (reported to the lead): when a body's
-#: ``.CRLF`` terminator is cut across two reads, the octets of the terminator that came in
-#: the first read are reported in a ``BodyChunk``, and the next ``BodyChunk`` is sliced with
-#: a negative end (``data[pos:end-3]`` with ``end < 3``), so it may even carry the octets of
-#: the *next* reply. Forwarded octets are right; only ``BodyChunk.data`` is wrong.
-#: Once ``conversation._stream_body`` is fixed, set this to ``()`` and the strict xfails go.
-_BODY_SPLIT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: BodyChunk.data includes terminator octets (and may run into the next "
-    "reply) when the body's .CRLF is split across reads",
-)
-#: The split modes for transcripts that contain a multi-line body. Only the modes that cut a
-#: step can cut a body terminator; ``"pipelined"`` joins steps and passes today.
-BODY_SPLITS: tuple[object, ...] = (
-    pytest.param("boundaries", marks=_BODY_SPLIT_BUG),
-    pytest.param("bytes", marks=_BODY_SPLIT_BUG),
-    "pipelined",
-)
 
 Factory = Callable[[], Pop3Conversation]
 E = TypeVar("E", bound=Event)
