@@ -235,6 +235,7 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
                 dest=spec.name,
                 metavar=spec.metavar,
                 default=argparse.SUPPRESS,  # absent flags stay absent: env/file may apply
+                action="append" if spec.repeatable else "store",
                 help=_help_text(spec, command),
             )
         for option in command.options:

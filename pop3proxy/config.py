@@ -55,6 +55,14 @@ LOG_FORMATS: Final = ("json", "console", "auto")
 
 _SPEC_KEY: Final = "pop3proxy.setting"
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Who may speak plaintext to the proxy by default: loopback, RFC 1918 and RFC 4193 ranges.
+DEFAULT_ALLOW: Final[tuple[Network, ...]] = tuple(
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+
 
 class ConfigError(Exception):
     """A setting has a bad value, or a required one is missing.
@@ -247,6 +255,67 @@ def _parse_tls_version(raw: object) -> str:
     return _choice(TLS_VERSIONS)(str(raw) if isinstance(raw, float) else raw)
 
 
+def _parse_count(minimum: int) -> Callable[[object], int]:
+    def parse(raw: object) -> int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        else:
+            try:
+                value = int(_text(raw, "a whole number"))
+            except ValueError:
+                raise ValueError("not a whole number") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def _parse_seconds_or_off(raw: object) -> float | None:
+    """Seconds, or 0 / ``off`` for no limit at all."""
+    if isinstance(raw, str) and raw.strip().lower() in {"0", "off", "none"}:
+        return None
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw == 0:
+        return None
+    return _parse_seconds(raw)
+
+
+def _items(raw: object, what: str) -> list[str]:
+    """A list setting's raw value: a flag list, a TOML array, or comma-separated text."""
+    if isinstance(raw, str):
+        parts = raw.split(",")
+    elif isinstance(raw, list | tuple):
+        parts = [piece for item in raw for piece in _text(item, what).split(",")]
+    else:
+        parts = _text(raw, what).split(",")  # raises the usual type error
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _parse_networks(raw: object) -> tuple[Network, ...]:
+    networks = []
+    for item in _items(raw, "a network (CIDR)"):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a network such as 10.0.0.0/8 or fd00::/8") from None
+    return tuple(networks)
+
+
+def _parse_user_networks(raw: object) -> tuple[tuple[str, tuple[Network, ...]], ...]:
+    """``GLOB=CIDR[,CIDR]`` items (flag, or ``;``-separated in the env), or a TOML table."""
+    if isinstance(raw, dict):
+        pairs = [(str(key), value) for key, value in raw.items()]
+    else:
+        texts = raw if isinstance(raw, list | tuple) else _text(raw, "GLOB=CIDR").split(";")
+        pairs = []
+        for text in texts:
+            glob, sep, nets = _text(text, "GLOB=CIDR[,CIDR]").partition("=")
+            if not sep or not glob.strip():
+                raise ValueError(f"{text!r} is not GLOB=CIDR[,CIDR]")
+            pairs.append((glob.strip(), nets))
+    return tuple((glob, _parse_networks(nets)) for glob, nets in pairs)
+
+
 def _parse_config_path(raw: object) -> Path:
     return Path(_text(raw, "a file name"))
 
@@ -266,6 +335,7 @@ class Setting:
     help: str
     metavar: str
     default_text: str | None = None
+    repeatable: bool = False
 
     @property
     def flag(self) -> str:
@@ -296,6 +366,7 @@ class _Declaration:
     help: str
     metavar: str
     default_text: str | None
+    repeatable: bool
 
 
 def _flag_name(name: str) -> str:
@@ -312,6 +383,7 @@ def setting(
     *,
     metavar: str,
     default_text: str | None = None,
+    repeatable: bool = False,
 ) -> dict[str, object]:
     """The ``metadata`` that makes a :class:`Settings` field a setting.
 
@@ -323,8 +395,10 @@ def setting(
         help: one phrase for ``--help``, no trailing period.
         metavar: how the value is shown in ``--help``, e.g. ``HOST:PORT``.
         default_text: shown instead of ``str(default)`` in ``--help``.
+        repeatable: the flag may be given several times; the parser then gets a list (from
+            the environment it gets one string, which list parsers split at commas).
     """
-    return {_SPEC_KEY: _Declaration(parse, help, metavar, default_text)}
+    return {_SPEC_KEY: _Declaration(parse, help, metavar, default_text, repeatable)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +472,115 @@ class Settings:
         default=600.0,
         metadata=setting(
             _parse_seconds,
-            "seconds a session may stay silent in either direction before it is closed",
+            "seconds a session may stay silent in either direction before it is closed "
+            "(RFC 1939 asks for at least 600)",
+            metavar="SECONDS",
+        ),
+    )
+    session_timeout: float | None = field(
+        default=None,
+        metadata=setting(
+            _parse_seconds_or_off,
+            "longest a session may last in all, or 0 for no limit",
+            metavar="SECONDS",
+            default_text="no limit",
+        ),
+    )
+    close_timeout: float = field(
+        default=10.0,
+        metadata=setting(
+            _parse_seconds,
+            "seconds to wait for outstanding replies after the client half-closes, and for "
+            "a polite TLS close",
+            metavar="SECONDS",
+        ),
+    )
+    drain_timeout: float = field(
+        default=30.0,
+        metadata=setting(
+            _parse_seconds,
+            "on SIGTERM/SIGINT, seconds open sessions may take to finish before they are closed",
+            metavar="SECONDS",
+        ),
+    )
+    allow: tuple[Network, ...] = field(
+        default=DEFAULT_ALLOW,
+        metadata=setting(
+            _parse_networks,
+            "network allowed to use the plaintext listener; repeat or comma-separate; "
+            "others get -ERR [SYS/PERM]",
+            metavar="CIDR",
+            default_text="loopback, RFC 1918 and RFC 4193 (fc00::/7) networks",
+            repeatable=True,
+        ),
+    )
+    user_networks: tuple[tuple[str, tuple[Network, ...]], ...] = field(
+        default=(),
+        metadata=setting(
+            _parse_user_networks,
+            "bind user names to networks: GLOB=CIDR[,CIDR] (repeat; ';' between items in the "
+            "env; a table in TOML); a matching user logging in from elsewhere gets -ERR [AUTH]",
+            metavar="GLOB=CIDR",
+            default_text="none",
+            repeatable=True,
+        ),
+    )
+    max_sessions: int = field(
+        default=1000,
+        metadata=setting(_parse_count(1), "most concurrent sessions in all", metavar="N"),
+    )
+    max_sessions_per_client: int = field(
+        default=50,
+        metadata=setting(
+            _parse_count(1), "most concurrent sessions from one client address", metavar="N"
+        ),
+    )
+    max_command_line: int = field(
+        default=255,
+        metadata=setting(
+            _parse_count(16),
+            "longest client command line in octets with CRLF (RFC 2449 section 4: 255)",
+            metavar="OCTETS",
+        ),
+    )
+    max_auth_line: int = field(
+        default=8192,
+        metadata=setting(
+            _parse_count(255),
+            "longest AUTH command or SASL response line in octets (XOAUTH2 tokens are long)",
+            metavar="OCTETS",
+        ),
+    )
+    max_pipelined: int = field(
+        default=100,
+        metadata=setting(
+            _parse_count(1),
+            "most commands a client may send ahead of their replies (RFC 2449 PIPELINING)",
+            metavar="N",
+        ),
+    )
+    max_login_failures: int = field(
+        default=3,
+        metadata=setting(
+            _parse_count(1),
+            "failed logins after which a session is closed with -ERR [AUTH]",
+            metavar="N",
+        ),
+    )
+    client_login_failures: int = field(
+        default=10,
+        metadata=setting(
+            _parse_count(1),
+            "failed logins from one client address within --login-failure-window after which "
+            "its logins are refused with -ERR [SYS/TEMP]",
+            metavar="N",
+        ),
+    )
+    login_failure_window: float = field(
+        default=600.0,
+        metadata=setting(
+            _parse_seconds,
+            "seconds over which failed logins of a client address are counted",
             metavar="SECONDS",
         ),
     )
@@ -445,6 +627,7 @@ def _table() -> tuple[Setting, ...]:
                 help=declaration.help,
                 metavar=declaration.metavar,
                 default_text=declaration.default_text,
+                repeatable=declaration.repeatable,
             )
         )
     return tuple(table)

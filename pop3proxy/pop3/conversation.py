@@ -186,9 +186,10 @@ def _sasl_user(mechanism: str, first_client_data: Secret | None) -> str | None:
     try:
         raw = base64.b64decode(first_client_data.reveal(), validate=True)
         user = reader(raw)
-        return user.decode("utf-8") if user else None
+        text = user.decode("utf-8") if user else None
     except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
         return None
+    return text if text and text.isprintable() else None
 
 
 @dataclass(slots=True)
@@ -560,14 +561,17 @@ class Pop3Conversation:
         if self._open_auth is head:
             self._open_auth = None
         events.append(SaslEnded(head.command, mechanism, status, cancelled=head.sasl_cancelled))
-        self.user = _sasl_user(mechanism, head.sasl_first)
+        # LOGIN's first line is only known to be a user name once the server accepted it: a
+        # confused client may send its password first.
+        trusted = status.ok or mechanism != "LOGIN"
+        self.user = _sasl_user(mechanism, head.sasl_first) if trusted else None
         self._login_result(status, mechanism, self.user, events)
         # Lines the client sent that no challenge asked for are read by the server as
         # commands; queue them so that their replies are matched (RFC 5034 forbids this,
         # but a confused client must not desynchronise the queue).
         for _ in range(max(0, head.sasl_lines_sent - head.sasl_challenges)):
             self._seq += 1
-            orphan = Command(self._seq, "", (Secret("unsolicited SASL line"),))
+            orphan = Command(self._seq, UNKNOWN_VERB, (Secret("unsolicited SASL line"),))
             self._pending.appendleft(_Pending(command=orphan, multiline=False))
 
     def _login_result(

@@ -69,6 +69,12 @@ class Secret:
     def __reduce__(self) -> str:
         raise TypeError("a Secret cannot be pickled")
 
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
+        return self  # immutable; lets dataclasses.asdict() work on events
+
 
 class State(enum.Enum):
     """Session states of RFC 1939 section 3 (plus the greeting wait before them)."""
