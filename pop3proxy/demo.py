@@ -9,13 +9,15 @@ It is the first thing a newcomer runs, so it needs no configuration and no netwo
    its certificate against the demo CA and the name ``localhost``, exactly as in production;
 4. instructions go to stderr, so stdout stays a pure log stream (JSON lines, or the console
    renderer on a terminal); then it runs until cancelled (Ctrl-C: the CLI turns the
-   ``KeyboardInterrupt`` into exit status 0).
+   ``KeyboardInterrupt`` into exit status 0; SIGTERM stops it the same way, so the
+   temporary directory is always removed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -82,6 +84,18 @@ The proxy's log follows on stdout, one line per event. Press Ctrl-C to stop.
 {rule}"""
 
 
+async def _stop_on_sigterm(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Cancel ``scope`` on the first SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            log.info("demo.stopping", signal="SIGTERM")
+            scope.cancel()
+            return
+
+
 async def run_demo(
     settings: Settings,
     *,
@@ -97,10 +111,13 @@ async def run_demo(
         task_status: receives the proxy's bound addresses, for ``nursery.start``.
     """
     out = stream if stream is not None else sys.stderr
-    # The PEM files (with the server's private key) live only as long as the demo.
+    # The PEM files (with the server's private key) live only as long as the demo. Ctrl-C
+    # unwinds through this ``with``; SIGTERM (``kill``, ``docker stop``) would end the process
+    # without unwinding, so it is turned into a clean stop too.
     with tempfile.TemporaryDirectory(prefix="pop3proxy-demo-") as tmp:
         pki = DemoPKI.create(Path(tmp))
         async with trio.open_nursery() as nursery:
+            await nursery.start(_stop_on_sigterm, nursery.cancel_scope)
             upstream_port: int = await nursery.start(
                 functools.partial(serve_demo_upstream, pki.server_context(), host=UPSTREAM_HOST)
             )

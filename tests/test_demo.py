@@ -48,6 +48,7 @@ from pop3proxy.demo_upstream import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
 T = TypeVar("T")
+DEMO_ARGS = ("demo", "--listen", "127.0.0.1:0", "--log-format", "json")
 
 EXPECTED_CAPA = {"TOP", "UIDL", "USER", "SASL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"}
 
@@ -576,25 +577,56 @@ class JsonLines:
         raise AssertionError(f"log event not seen; got {[e.get('event') for e in self.events]}")
 
     def close(self) -> None:
-        self.selector.close()
+        if self.selector.get_map() is not None:
+            self.selector.close()
+
+
+def start_demo() -> tuple[subprocess.Popen[bytes], JsonLines]:
+    """``python -m pop3proxy demo`` on an ephemeral port, JSON logs on a pipe."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
+    # A shell without job control starts background jobs with SIGINT ignored, and an ignored
+    # signal stays ignored across exec: the demo would never see our Ctrl-C. A Python-level
+    # handler in this process becomes SIG_DFL in the child, which then installs its own.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pop3proxy", *DEMO_ARGS],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return proc, JsonLines(proc)
+
+
+def kill(proc: subprocess.Popen[bytes], log: JsonLines) -> None:
+    """Clean-up after a failed test: never leave the child running."""
+    log.close()
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def stop_demo(proc: subprocess.Popen[bytes], log: JsonLines, signum: int) -> str:
+    """Send ``signum``; the demo must exit 0 within a few seconds. Returns its stderr."""
+    try:
+        began = time.monotonic()
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+        elapsed = time.monotonic() - began
+    finally:
+        kill(proc, log)
+    text = stderr.decode()
+    assert proc.returncode == 0, text
+    assert elapsed < 5
+    assert "Traceback" not in text
+    return text
 
 
 def test_demo_command_end_to_end() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pop3proxy",
-            "demo",
-            *("--listen", "127.0.0.1:0", "--log-format", "json"),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    log = JsonLines(proc)
+    proc, log = start_demo()
     try:
         started = log.wait_for(lambda e: e["event"] == "listener.started")
         host, port = connect_hint(started["address"])
@@ -621,19 +653,31 @@ def test_demo_command_end_to_end() -> None:
         assert all(c["session_id"] == closed["session_id"] for c in commands)
         assert closed["commands"] == 5
 
-        began = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=TIMEOUT)
-        assert time.monotonic() - began < 5
+        # Ctrl-C while a client is still logged in: the session is torn down with the rest.
+        idle = poplib.POP3(host, port, timeout=TIMEOUT)
+        try:
+            idle.user(DEMO_USER)
+            idle.pass_(DEMO_PASSWORD)
+            text = stop_demo(proc, log, signal.SIGINT)
+        finally:
+            idle.close()
     finally:
-        log.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    text = stderr.decode()
-    assert proc.returncode == 0, text
-    assert "Traceback" not in text
+        kill(proc, log)
     assert f"telnet {host} {port}" in text
     assert f"nc -C {host} {port}" in text
     assert not ca_file.exists()
+    assert not ca_file.parent.exists()
+
+
+def test_demo_command_stops_cleanly_on_sigterm() -> None:
+    proc, log = start_demo()
+    try:
+        upstream = log.wait_for(lambda e: e["event"] == "demo.upstream_started")
+        log.wait_for(lambda e: e["event"] == "listener.started")
+        ca_file = Path(upstream["upstream_ca_file"])
+        assert ca_file.is_file()
+    except BaseException:
+        kill(proc, log)
+        raise
+    stop_demo(proc, log, signal.SIGTERM)
     assert not ca_file.parent.exists()
