@@ -38,6 +38,7 @@ from pop3proxy.pop3.events import (
     State,
     Status,
     UnsolicitedResponse,
+    UserNamed,
 )
 
 __all__ = [
@@ -71,5 +72,6 @@ __all__ = [
     "State",
     "Status",
     "UnsolicitedResponse",
+    "UserNamed",
     "parse_status",
 ]

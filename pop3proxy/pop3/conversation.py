@@ -60,6 +60,7 @@ from pop3proxy.pop3.events import (
     State,
     Status,
     UnsolicitedResponse,
+    UserNamed,
 )
 
 __all__ = [
@@ -222,6 +223,8 @@ class Pop3Conversation:
         max_command_line: client command line limit, CRLF included (RFC 2449 section 4).
         max_sasl_line: limit for ``AUTH`` command lines and SASL continuation lines.
         max_status_line: limit for server status lines and CAPA lines.
+        max_pipelined: most commands waiting for replies; further complete lines stay
+            buffered (:attr:`client_paused`) until replies arrive. None: no bound.
     """
 
     def __init__(
@@ -232,6 +235,7 @@ class Pop3Conversation:
         max_command_line: int = MAX_COMMAND_LINE,
         max_sasl_line: int = MAX_SASL_LINE,
         max_status_line: int = MAX_STATUS_LINE,
+        max_pipelined: int | None = None,
     ) -> None:
         self._hidden = frozenset(c.upper() for c in hidden_capabilities)
         replies = {"STLS": STLS_REFUSAL} if local_replies is None else local_replies
@@ -239,6 +243,10 @@ class Pop3Conversation:
         self._max_command_line = max_command_line
         self._max_sasl_line = max_sasl_line
         self._max_status_line = max_status_line
+        self._max_pipelined = max_pipelined
+        #: Text inserted after ``+OK`` in the greeting (a migration notice), or None. Set it
+        #: before the greeting arrives; the APOP timestamp is kept.
+        self.greeting_notice: str | None = None
 
         #: RFC 1939 section 3 state, as far as the replies have shown it.
         self.state = State.GREETING
@@ -267,6 +275,19 @@ class Pop3Conversation:
         """Commands sent by the client whose reply has not been completed."""
         return len(self._pending)
 
+    @property
+    def client_paused(self) -> bool:
+        """Complete client lines wait for replies (``max_pipelined``); stop reading the client
+        and call ``receive_client(b"")`` once replies have arrived."""
+        return self._pipeline_full() and b"\n" in self._client_buf
+
+    def _pipeline_full(self) -> bool:
+        return (
+            self._max_pipelined is not None
+            and self._open_auth is None
+            and len(self._pending) >= self._max_pipelined
+        )
+
     def receive_client(self, data: bytes) -> list[Event]:
         """Feed octets from the client; return the events they complete.
 
@@ -279,7 +300,7 @@ class Pop3Conversation:
         buf += data
         start = 0
         try:
-            while True:
+            while not self._pipeline_full():
                 newline = buf.find(b"\n", start)
                 if newline < 0:
                     self._check_client_line(bytes(buf[start : start + 5]), len(buf) - start)
@@ -413,19 +434,27 @@ class Pop3Conversation:
             events.append(
                 SaslStarted(command, pending.mechanism, initial_response=initial is not None)
             )
+            self._name_sasl_user(pending, events)
         elif verb in {"USER", "APOP"} and command.args:
             self.user = str(command.args[0])
+            events.append(UserNamed(command, self.user, "APOP" if verb == "APOP" else "USER"))
         self._to_server.append((command.seq, line))
+
+    def _name_sasl_user(self, auth: _Pending, events: list[Event]) -> None:
+        user = _sasl_user(auth.mechanism or "", auth.sasl_first)
+        if user is not None:
+            events.append(UserNamed(auth.command, user, auth.mechanism or ""))
 
     def _sasl_client_line(self, auth: _Pending, line: bytes, events: list[Event]) -> None:
         data = Secret(line.rstrip(b"\r\n").decode("utf-8", "replace"))
         cancelled = data.reveal() == "*"
         auth.sasl_lines_sent += 1
         auth.sasl_cancelled = auth.sasl_cancelled or cancelled
-        if auth.sasl_first is None and not cancelled:
-            auth.sasl_first = data
         events.append(SaslResponse(auth.command, data, cancelled=cancelled))
         self._to_server.append((auth.command.seq, line))
+        if auth.sasl_first is None and not cancelled:
+            auth.sasl_first = data
+            self._name_sasl_user(auth, events)
 
     # ------------------------------------------------------------------ server side
 
@@ -446,6 +475,8 @@ class Pop3Conversation:
         if self.state is State.GREETING:
             status = self._require_status(line)
             events.append(Greeting(status, _apop_timestamp(line)))
+            if status.ok and self.greeting_notice:
+                line = b"+OK " + self.greeting_notice.encode() + b" " + line[3:].lstrip(b" ")
             self._to_client.append(line)
             self.state = State.AUTHORIZATION if status.ok else State.CLOSED
             self._flush_local_replies(events)

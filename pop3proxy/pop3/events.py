@@ -33,6 +33,7 @@ __all__ = [
     "State",
     "Status",
     "UnsolicitedResponse",
+    "UserNamed",
 ]
 
 
@@ -248,6 +249,21 @@ class SaslEnded(Event):
     mechanism: str
     status: Status
     cancelled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UserNamed(Event):
+    """The client named the user it wants to log in as, before its credential went upstream.
+
+    Reported for USER, APOP, and AUTH once the user name can be read from the SASL data (the
+    initial response, or the first continuation line). The caller may still refuse the
+    login with :meth:`~pop3proxy.pop3.Pop3Conversation.answer_locally`. With AUTH LOGIN
+    the name is the client's first line, unconfirmed: log it only once the login succeeded.
+    """
+
+    command: Command
+    user: str
+    mechanism: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from pop3proxy.pop3 import (
     SaslResponse,
     SaslStarted,
     State,
+    UserNamed,
 )
 
 __all__ = [
@@ -81,8 +82,13 @@ class Run:
     error: RemoteProtocolError | None = None
 
     @property
-    def events(self) -> list[Event]:
+    def all_events(self) -> list[Event]:
         return [event for step in self.steps for event in step.events]
+
+    @property
+    def events(self) -> list[Event]:
+        """The events, without :class:`UserNamed` (policy hooks; see ``of_type``)."""
+        return [event for event in self.all_events if not isinstance(event, UserNamed)]
 
     @property
     def upstream(self) -> bytes:
@@ -95,7 +101,7 @@ class Run:
         return b"".join(step.to_client for step in self.steps)
 
     def of_type(self, kind: type[E]) -> list[E]:
-        return [event for event in self.events if isinstance(event, kind)]
+        return [event for event in self.all_events if isinstance(event, kind)]
 
     @property
     def state(self) -> State:
@@ -217,13 +223,13 @@ def run_split(
         The unsplit run, for the test's own assertions.
     """
     reference = run(transcript, factory=factory)
-    expected_events = merge_body_chunks(reference.events)
+    expected_events = merge_body_chunks(reference.all_events)
     for label, form, pieces in variants(transcript, split):
         other = run(form, factory=factory, pieces=pieces)
         assert _error_key(other.error) == _error_key(reference.error), label
         if reference.error is not None:
             continue
-        assert merge_body_chunks(other.events) == expected_events, label
+        assert merge_body_chunks(other.all_events) == expected_events, label
         assert other.upstream == reference.upstream, label
         assert other.downstream == reference.downstream, label
         assert other.state is reference.state, label
@@ -233,7 +239,7 @@ def run_split(
 
 
 #: Events caused by client octets; every other event is caused by a reply (or the local answer).
-_CLIENT_EVENTS = (Command, SaslStarted, SaslResponse)
+_CLIENT_EVENTS = (Command, SaslStarted, SaslResponse, UserNamed)
 
 
 def client_events(events: Sequence[Event]) -> list[Event]:

@@ -38,6 +38,7 @@ from pop3proxy.pop3 import (
     State,
     Status,
     UnsolicitedResponse,
+    UserNamed,
 )
 from tests.pop3.helpers import (
     Run,
@@ -999,7 +1000,9 @@ def test_pipelined_client_events() -> None:
         [*login(), ("C", b"STLS\r\n"), ("C", b"QUIT\r\n"), ("S", b"+OK bye\r\n")]
     )
     result = run(transcript)
-    assert [type(e).__name__ for e in result.steps[0].events] == ["Command"] * 4
+    assert [type(e).__name__ for e in result.steps[0].events] == [
+        "Command", "UserNamed", "Command", "Command", "Command"
+    ]  # fmt: skip
     assert [type(e).__name__ for e in result.steps[1].events] == [
         "Greeting",
         "Response", "CommandCompleted",
@@ -1017,7 +1020,8 @@ def test_answer_locally_keeps_reply_order() -> None:
     conversation = Pop3Conversation()
     conversation.receive_server(GREETING)
     events = conversation.receive_client(b"NOOP\r\nUSER alice\r\nSTAT\r\n")
-    noop, user, stat = events
+    noop, user, named, stat = events
+    assert named == UserNamed(user, "alice", "USER")  # type: ignore[arg-type]
     assert isinstance(noop, Command)
     assert isinstance(user, Command)
     assert isinstance(stat, Command)
@@ -1043,7 +1047,7 @@ def test_answer_locally_at_head_answers_now() -> None:
     conversation = Pop3Conversation()
     conversation.receive_server(GREETING)
     conversation.take_client_bytes()
-    (command,) = conversation.receive_client(b"USER alice\r\n")
+    command, _named = conversation.receive_client(b"USER alice\r\n")
     assert isinstance(command, Command)
     events = conversation.answer_locally(command, b"-ERR no\r\n")
     assert events == [LocalReply(command, err("no")), CommandCompleted(command, err("no"), 9)]
@@ -1054,7 +1058,7 @@ def test_answer_locally_at_head_answers_now() -> None:
 def test_answer_locally_too_late() -> None:
     conversation = Pop3Conversation()
     conversation.receive_server(GREETING)
-    (command,) = conversation.receive_client(b"USER alice\r\n")
+    command, _named = conversation.receive_client(b"USER alice\r\n")
     assert isinstance(command, Command)
     assert conversation.take_upstream_bytes() == b"USER alice\r\n"
     with pytest.raises(LocalProtocolError):

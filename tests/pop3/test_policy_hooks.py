@@ -1,0 +1,90 @@
+"""Engine hooks for the relay's policies: UserNamed, greeting notices, the pipelining bound."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from pop3proxy.pop3 import Command, Pop3Conversation, UserNamed
+
+GREETING = b"+OK POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def greeted(**kwargs: int) -> Pop3Conversation:
+    conversation = Pop3Conversation(**kwargs)  # type: ignore[arg-type]
+    conversation.receive_server(GREETING)
+    conversation.take_client_bytes()
+    return conversation
+
+
+@pytest.mark.parametrize(
+    ("lines", "user", "mechanism"),
+    [
+        ([b"USER alice\r\n"], "alice", "USER"),
+        ([b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n"], "alice", "APOP"),
+        ([b"AUTH PLAIN " + b64(b"\0alice\0pw") + b"\r\n"], "alice", "PLAIN"),
+        ([b"AUTH PLAIN\r\n", b64(b"\0alice\0pw") + b"\r\n"], "alice", "PLAIN"),
+        ([b"AUTH LOGIN\r\n", b64(b"alice") + b"\r\n"], "alice", "LOGIN"),
+        ([b"AUTH CRAM-MD5\r\n", b64(b"alice 0123456789abcdef") + b"\r\n"], "alice", "CRAM-MD5"),
+    ],
+)
+def test_user_named_before_the_credential_leaves(
+    lines: list[bytes], user: str, mechanism: str
+) -> None:
+    conversation = greeted()
+    events = []
+    for line in lines:
+        events += conversation.receive_client(line)
+        if line is not lines[-1]:
+            conversation.take_upstream_bytes()
+            conversation.receive_server(b"+ \r\n")
+    (named,) = [e for e in events if isinstance(e, UserNamed)]
+    assert (named.user, named.mechanism) == (user, mechanism)
+    # The line that named the user is still held: the relay may refuse it.
+    assert conversation.take_upstream_bytes() == lines[-1]
+
+
+def test_refusing_the_named_user_keeps_the_credential_here() -> None:
+    conversation = greeted()
+    events = conversation.receive_client(b"AUTH PLAIN\r\n")
+    (auth,) = [e for e in events if isinstance(e, Command)]
+    assert conversation.take_upstream_bytes() == b"AUTH PLAIN\r\n"
+    conversation.receive_server(b"+ \r\n")
+    conversation.take_client_bytes()
+    events = conversation.receive_client(b64(b"\0mallory\0secret") + b"\r\n")
+    assert any(isinstance(e, UserNamed) and e.user == "mallory" for e in events)
+    conversation.answer_locally(auth, b"-ERR [AUTH] not from this network\r\n")
+    assert conversation.take_upstream_bytes() == b""
+    assert conversation.take_client_bytes() == b"-ERR [AUTH] not from this network\r\n"
+
+
+def test_greeting_notice_goes_after_ok_and_keeps_apop_timestamp() -> None:
+    conversation = Pop3Conversation()
+    conversation.greeting_notice = "[migrate to port 995 with TLS]"
+    conversation.receive_server(GREETING)
+    assert conversation.take_client_bytes() == (
+        b"+OK [migrate to port 995 with TLS] POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"
+    )
+
+
+def test_pipelining_bound_holds_lines_until_replies_arrive() -> None:
+    conversation = greeted(max_pipelined=2)
+    events = conversation.receive_client(b"NOOP\r\nNOOP\r\nNOOP\r\nSTAT\r\n")
+    assert [e.seq for e in events if isinstance(e, Command)] == [1, 2]
+    assert conversation.client_paused
+    assert conversation.take_upstream_bytes() == b"NOOP\r\nNOOP\r\n"
+    conversation.receive_server(b"+OK\r\n")
+    assert conversation.pending == 1
+    assert not conversation.client_paused  # room again: the relay resumes with b""
+    events = conversation.receive_client(b"")
+    assert [e.verb for e in events if isinstance(e, Command)] == ["NOOP"]
+    assert conversation.take_upstream_bytes() == b"NOOP\r\n"
+    conversation.receive_server(b"+OK\r\n+OK\r\n")
+    events = conversation.receive_client(b"")
+    assert [e.verb for e in events if isinstance(e, Command)] == ["STAT"]
+    assert not conversation.client_paused
