@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from pop3proxy.migration.pseudonym import PseudonymKey, parse_pseudonym_key
+from pop3proxy.migration.rules import Rule, parse_rules
+
 __all__ = [
     "CONFIG_FILE",
     "SETTINGS",
@@ -320,6 +323,34 @@ def _parse_config_path(raw: object) -> Path:
     return Path(_text(raw, "a file name"))
 
 
+# -- migration toolkit (issue 5) ---------------------------------------------------------------
+
+
+def _parse_switch(raw: object) -> bool:
+    """``true``/``false`` (TOML), or on/off, yes/no, 1/0 text."""
+    if isinstance(raw, bool):
+        return raw
+    text = _text(raw, "true or false").strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false (on/off, yes/no)")
+
+
+def _parse_state_dir(raw: object) -> Path:
+    text = _text(raw, "a folder name or :memory:").strip()
+    if not text:
+        raise ValueError("must not be empty")
+    path = Path(text)
+    if text != ":memory:" and path.exists() and not path.is_dir():
+        raise ValueError("exists and is not a folder")
+    return path
+
+
+# -- end of migration toolkit parsers ------------------------------------------------------------
+
+
 # --------------------------------------------------------------------------------------------
 # The declaration of a setting.
 # --------------------------------------------------------------------------------------------
@@ -598,6 +629,67 @@ class Settings:
             metavar="{json,console,auto}",
         ),
     )
+    # -- migration toolkit (issue 5): inventory, pseudonyms, enforcement phases ----------------
+    state_dir: Path | None = field(
+        default=None,
+        metadata=setting(
+            _parse_state_dir,
+            "folder for the client inventory (inventory.sqlite3), or :memory: to keep it in "
+            "memory only",
+            metavar="DIR",
+            default_text="$XDG_DATA_HOME/pop3proxy, else ~/.local/share/pop3proxy",
+        ),
+    )
+    inventory: bool = field(
+        default=True,
+        metadata=setting(
+            _parse_switch,
+            "record plaintext clients and users (first/last seen, logins, mechanisms, bytes) "
+            "in the inventory",
+            metavar="{on,off}",
+            default_text="on",
+        ),
+    )
+    inventory_flush_interval: float = field(
+        default=10.0,
+        metadata=setting(
+            _parse_seconds,
+            "seconds between inventory writes (also written after 1000 events)",
+            metavar="SECONDS",
+        ),
+    )
+    user_pseudonym_key: PseudonymKey | None = field(
+        default=None,
+        metadata=setting(
+            parse_pseudonym_key,
+            "key file (or key of 16+ characters) for HMAC-SHA256 pseudonyms of user names in "
+            "the inventory and the logs",
+            metavar="FILE",
+            default_text="none: user names in clear",
+        ),
+    )
+    rules: tuple[Rule, ...] = field(
+        default=(),
+        metadata=setting(
+            parse_rules,
+            "enforcement phase rule, e.g. 'phase=deny from=2027-03-01 networks=10.0.0.0/8 "
+            "users=*@example.com'; repeat (';' between rules in the env; [[rules]] tables in "
+            "TOML); the first rule in force that matches decides; SIGHUP reloads",
+            metavar="RULE",
+            default_text="none: every client allowed",
+            repeatable=True,
+        ),
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata=setting(
+            _parse_switch,
+            "deny rules only log and count what they would refuse",
+            metavar="{on,off}",
+            default_text="off",
+        ),
+    )
+    # -- end of migration toolkit settings ----------------------------------------------------
 
     @property
     def tls_server_name(self) -> str:
