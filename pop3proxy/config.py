@@ -351,6 +351,28 @@ def _parse_state_dir(raw: object) -> Path:
 # -- end of migration toolkit parsers ------------------------------------------------------------
 
 
+# -- admin endpoint (issue 4) -------------------------------------------------------------------
+
+DEFAULT_ADMIN_PORT: Final = 9110
+
+
+def _parse_admin(raw: object) -> Endpoint | None:
+    """``HOST:PORT`` (port 0 picks a free one), ``http://HOST:PORT``, or ``off``."""
+    text = _text(raw, "a string like HOST:PORT, or off").strip()
+    if text.lower() in {"off", "none", "no", "false"}:
+        return None
+    for scheme in ("http://", "ws://"):
+        if text.lower().startswith(scheme):
+            text = text[len(scheme) :].rstrip("/")
+            if "/" in text:
+                raise ValueError("expected HOST:PORT, or http://HOST:PORT without a path")
+            break
+    return parse_endpoint(text, default_port=DEFAULT_ADMIN_PORT, allow_port_zero=True)
+
+
+# -- end of admin endpoint parsers --------------------------------------------------------------
+
+
 # --------------------------------------------------------------------------------------------
 # The declaration of a setting.
 # --------------------------------------------------------------------------------------------
@@ -690,6 +712,27 @@ class Settings:
         ),
     )
     # -- end of migration toolkit settings ----------------------------------------------------
+
+    # -- admin endpoint (issue 4) ------------------------------------------------------------
+    admin: Endpoint | None = field(
+        default=Endpoint("127.0.0.1", DEFAULT_ADMIN_PORT),
+        metadata=setting(
+            _parse_admin,
+            "address of the admin HTTP endpoint (/healthz, /readyz, /metrics, /events and the "
+            "dashboard); port 0 picks a free port; off switches it off",
+            metavar="HOST:PORT",
+            default_text="127.0.0.1:9110; if that port is taken: a warning, no endpoint",
+        ),
+    )
+    readiness_cache: float = field(
+        default=5.0,
+        metadata=setting(
+            _parse_seconds,
+            "seconds a /readyz answer is reused before the upstream is probed again",
+            metavar="SECONDS",
+        ),
+    )
+    # -- end of admin endpoint settings ---------------------------------------------------------
 
     @property
     def tls_server_name(self) -> str:
