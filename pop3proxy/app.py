@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from pop3proxy.config import Settings
+from pop3proxy.migration.inventory import inventory_service
 from pop3proxy.telemetry import Telemetry
 
 __all__ = ["SERVICES", "AppContext", "Service", "run"]
@@ -42,7 +43,7 @@ class AppContext:
 Service = Callable[[AppContext, trio.TaskStatus[None]], Awaitable[None]]
 
 #: Started in this order before the POP3 listener; stopped when it stops.
-SERVICES: list[Service] = []
+SERVICES: list[Service] = [inventory_service]
 
 
 async def run(settings: Settings) -> None:
