@@ -1,0 +1,315 @@
+"""``pop3proxy report``: the migration progress, read from the inventory.
+
+It lists the client addresses and user names still seen on the plaintext listener, when
+each was last seen, how it logs in (mechanisms and client fingerprints), and its phase
+under the configured rules (with any stricter phase already scheduled), then totals per
+day: distinct clients, distinct users and sessions. ``--since DATE`` leaves out what was
+last seen before that day. Formats: an aligned ``table`` for people, ``csv`` (one row per
+client, user or day, told apart by the ``kind`` column) and ``json`` for tools.
+:func:`collect` returns the same data as plain dicts, for the admin dashboard.
+
+The database is opened read-only, so a report never disturbs the running proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import ipaddress
+import json
+import re
+import sqlite3
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from pop3proxy.migration.inventory import database_path
+from pop3proxy.migration.rules import RuleSet
+
+if TYPE_CHECKING:
+    from pop3proxy.config import Settings
+
+__all__ = ["FORMATS", "ReportError", "collect", "main", "parse_since", "render"]
+
+FORMATS: Final = ("table", "csv", "json")
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+_PSEUDONYM = re.compile(r"u-[0-9a-f]{24}\Z")
+
+CSV_COLUMNS: Final = (
+    "kind",
+    "name",
+    "first_seen",
+    "last_seen",
+    "sessions",
+    "logins_ok",
+    "logins_failed",
+    "bytes_from_client",
+    "bytes_to_client",
+    "warned",
+    "denied",
+    "would_deny",
+    "mechanisms",
+    "fingerprints",
+    "last_peer",
+    "phase",
+    "rule",
+    "upcoming",
+    "last_action",
+    "clients",
+    "users",
+)
+
+
+class ReportError(Exception):
+    """The inventory cannot be read; the message is one line."""
+
+
+def parse_since(text: str) -> dt.date:
+    """``--since`` as a date (``2026-03-01``); argparse shows the error."""
+    try:
+        return dt.date.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-03-01") from None
+
+
+def _open(path: str) -> sqlite3.Connection:
+    if path == ":memory:":
+        raise ReportError(
+            "the inventory is kept in memory only (--state-dir :memory:): nothing to report"
+        )
+    file = Path(path)
+    if not file.is_file():
+        raise ReportError(
+            f"no inventory at {file}: has the proxy run with this --state-dir and --inventory on?"
+        )
+    try:
+        connection = sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        connection.row_factory = sqlite3.Row
+        connection.execute("SELECT 1 FROM clients LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        raise ReportError(f"cannot read the inventory {file}: {exc}") from None
+    return connection
+
+
+def _ip(text: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(str(text))
+    except ValueError:
+        return None
+
+
+def _details(connection: sqlite3.Connection, kind: str) -> tuple[dict[str, str], dict[str, str]]:
+    mechanisms: dict[str, list[str]] = {}
+    for row in connection.execute(
+        "SELECT key, mechanism, uses FROM mechanisms WHERE kind = ? ORDER BY uses DESC, mechanism",
+        (kind,),
+    ):
+        mechanisms.setdefault(row["key"], []).append(row["mechanism"])
+    fingerprints: dict[str, list[str]] = {}
+    for row in connection.execute(
+        "SELECT key, fingerprint, sessions FROM fingerprints WHERE kind = ? "
+        "ORDER BY sessions DESC, fingerprint",
+        (kind,),
+    ):
+        fingerprints.setdefault(row["key"], []).append(f"{row['fingerprint']} ({row['sessions']})")
+    return (
+        {key: ",".join(values) for key, values in mechanisms.items()},
+        {key: "; ".join(values) for key, values in fingerprints.items()},
+    )
+
+
+def collect(
+    path: str, rules: RuleSet, *, since: dt.date | None = None, now: dt.datetime | None = None
+) -> dict[str, Any]:
+    """The report's data: ``clients``, ``users``, ``totals`` (per day) and ``summary``.
+
+    Raises:
+        ReportError: no readable inventory at ``path``.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    floor = since.isoformat() if since else ""
+    connection = _open(path)
+    try:
+        sections: dict[str, list[dict[str, Any]]] = {}
+        for table, column, kind in (("clients", "address", "client"), ("users", "user", "user")):
+            mechanisms, fingerprints = _details(connection, kind)
+            rows = []
+            query = (
+                f"SELECT * FROM {table} WHERE last_seen >= ? "  # noqa: S608 - fixed names
+                f"ORDER BY last_seen DESC, {column}"
+            )
+            for row in connection.execute(query, (floor,)):
+                name = row[column]
+                if kind == "client":
+                    where = rules.classify(_ip(name), None, now)
+                else:
+                    user = None if _PSEUDONYM.match(name) else name
+                    where = rules.classify(_ip(row["last_peer"]), user, now)
+                item = {key: row[key] for key in row.keys()}  # noqa: SIM118 - sqlite3.Row
+                item.pop(column)
+                rows.append(
+                    {
+                        "name": name,
+                        **item,
+                        "mechanisms": mechanisms.get(name, ""),
+                        "fingerprints": fingerprints.get(name, ""),
+                        "phase": where.phase + (" (dry run)" if where.dry_run else ""),
+                        "rule": where.rule,
+                        "upcoming": where.upcoming,
+                    }
+                )
+            sections[table] = rows
+        totals = [
+            {
+                "day": row["day"],
+                "clients": row["clients"],
+                "users": row["users"],
+                "sessions": row["sessions"],
+            }
+            for row in connection.execute(
+                "SELECT day, "
+                "sum(kind = 'client') AS clients, "
+                "sum(kind = 'user') AS users, "
+                "sum(CASE WHEN kind = 'client' THEN sessions ELSE 0 END) AS sessions "
+                "FROM daily WHERE day >= ? GROUP BY day ORDER BY day",
+                (floor[:10],),
+            )
+        ]
+    except sqlite3.Error as exc:
+        raise ReportError(f"cannot read the inventory {path}: {exc}") from None
+    finally:
+        connection.close()
+    phases: dict[str, int] = {}
+    for row in sections["clients"]:
+        phases[row["phase"]] = phases.get(row["phase"], 0) + 1
+    return {
+        "generated": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "database": path,
+        "since": since.isoformat() if since else None,
+        "rules": [f"{rule.name}: {rule.describe()}" for rule in rules.rules],
+        "summary": {
+            "clients": len(sections["clients"]),
+            "users": len(sections["users"]),
+            "sessions": sum(row["sessions"] for row in sections["clients"]),
+            "clients_by_phase": phases,
+        },
+        "clients": sections["clients"],
+        "users": sections["users"],
+        "totals": totals,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering.
+# --------------------------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return lines
+
+
+def _phase_text(row: Mapping[str, Any]) -> str:
+    text = str(row["phase"])
+    if row.get("upcoming"):
+        text += f", {row['upcoming']}"
+    return text
+
+
+def _people(rows: Sequence[Mapping[str, Any]], name: str, peer: str) -> list[str]:
+    headers = [name, "LAST SEEN", "FIRST SEEN", "SESSIONS", "LOGINS OK/FAILED", "MECHANISMS"]
+    headers += ["FINGERPRINTS", peer, "PHASE", "RULE"]
+    return _table(
+        headers,
+        [
+            (
+                r["name"],
+                r["last_seen"],
+                r["first_seen"],
+                r["sessions"],
+                f"{r['logins_ok']}/{r['logins_failed']}",
+                r["mechanisms"],
+                r["fingerprints"],
+                r["last_peer"],
+                _phase_text(r),
+                r["rule"],
+            )
+            for r in rows
+        ],
+    )
+
+
+def _render_table(data: Mapping[str, Any]) -> str:
+    summary = data["summary"]
+    since = f" since {data['since']}" if data["since"] else ""
+    lines = [
+        f"Plaintext POP3 clients{since}: {summary['clients']} addresses, {summary['users']} "
+        f"users, {summary['sessions']} sessions (inventory {data['database']}, "
+        f"{data['generated']})",
+        "",
+        "Clients still on plaintext:",
+    ]
+    lines += _people(data["clients"], "ADDRESS", "LAST USER")
+    lines += ["", "Users still on plaintext:"]
+    lines += _people(data["users"], "USER", "LAST ADDRESS")
+    lines += ["", "Totals per day:"]
+    lines += _table(
+        ("DAY", "CLIENTS", "USERS", "SESSIONS"),
+        [(t["day"], t["clients"], t["users"], t["sessions"]) for t in data["totals"]],
+    )
+    if data["rules"]:
+        lines += ["", "Rules:", *(f"  {rule}" for rule in data["rules"])]
+    return "\n".join(lines) + "\n"
+
+
+def _render_csv(data: Mapping[str, Any]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for kind, rows in (("client", data["clients"]), ("user", data["users"])):
+        for row in rows:
+            writer.writerow({"kind": kind, **row, "clients": "", "users": ""})
+    for total in data["totals"]:
+        writer.writerow(
+            {
+                "kind": "day",
+                "name": total["day"],
+                "sessions": total["sessions"],
+                "clients": total["clients"],
+                "users": total["users"],
+            }
+        )
+    return out.getvalue()
+
+
+def render(data: Mapping[str, Any], fmt: str) -> str:
+    """``data`` from :func:`collect` as ``table``, ``csv`` or ``json`` text."""
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "csv":
+        return _render_csv(data)
+    return _render_table(data)
+
+
+def main(settings: Settings, options: Mapping[str, Any]) -> int:
+    """The ``report`` command; returns the exit status."""
+    fmt = options.get("format") or "table"
+    since = options.get("since")
+    try:
+        data = collect(
+            database_path(settings.state_dir), RuleSet.from_settings(settings), since=since
+        )
+    except ReportError as exc:
+        print(f"pop3proxy report: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.write(render(data, fmt))
+    return EXIT_OK
