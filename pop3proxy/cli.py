@@ -162,6 +162,25 @@ def run_demo(settings: Settings, options: Mapping[str, Any]) -> int:
     return _run_trio(demo.run_demo, settings)
 
 
+def run_check(settings: Settings, options: Mapping[str, Any]) -> int:
+    """``pop3proxy check``: the pre-flight test of the upstream (migration toolkit)."""
+    check = importlib.import_module("pop3proxy.migration.check")
+    status: int = check.main(settings, options)
+    return status
+
+
+def run_report(settings: Settings, options: Mapping[str, Any]) -> int:
+    """``pop3proxy report``: migration progress from the inventory (migration toolkit)."""
+    report = importlib.import_module("pop3proxy.migration.report")
+    status: int = report.main(settings, options)
+    return status
+
+
+def _since_date(text: str) -> object:
+    report = importlib.import_module("pop3proxy.migration.report")
+    return report.parse_since(text)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="serve",
@@ -179,6 +198,83 @@ COMMANDS: tuple[Command, ...] = (
         run=run_demo,
         settings=("listen", "log_level", "log_format"),
         defaults={"listen": Endpoint("127.0.0.1", 8110)},
+    ),
+    # -- migration toolkit (issue 5) ----------------------------------------------------------
+    Command(
+        name="check",
+        summary="pre-flight test of the upstream: TLS chain, host name, expiry, greeting, login",
+        description="Connect to --upstream the way the proxy does and report TCP time, TLS "
+        "version and cipher, the certificate chain the server sends, whether it verifies "
+        "(naming a missing issuer), the host name match, certificates expiring within 30 "
+        "days, the SPKI pin, the greeting and CAPA, and optionally a login. Exit status 0: "
+        "all good; 1: a check failed; 2: usage error.",
+        run=run_check,
+        settings=(
+            "upstream",
+            "upstream_ca_file",
+            "upstream_server_name",
+            "tls_min_version",
+            "connect_timeout",
+            "handshake_timeout",
+            "config",
+        ),
+        required=("upstream",),
+        options=(
+            Option(
+                ("--user",),
+                {
+                    "dest": "user",
+                    "metavar": "USER",
+                    "default": None,
+                    "help": "also test a login as USER (needs --password-file)",
+                },
+            ),
+            Option(
+                ("--password-file",),
+                {
+                    "dest": "password_file",
+                    "metavar": "FILE",
+                    "default": None,
+                    "help": "read the login test's password from FILE, or from standard input "
+                    "for '-' (never give a password on the command line)",
+                },
+            ),
+            Option(
+                ("--json",),
+                {"dest": "json", "action": "store_true", "help": "print JSON, not text"},
+            ),
+        ),
+    ),
+    Command(
+        name="report",
+        summary="migration progress: plaintext clients and users, their phase, totals per day",
+        description="Read the client inventory in --state-dir and print who still uses "
+        "plaintext POP3, when last seen, how they log in, their phase under the configured "
+        "rules, and totals per day.",
+        run=run_report,
+        settings=("state_dir", "rules", "dry_run", "config"),
+        options=(
+            Option(
+                ("--format",),
+                {
+                    "dest": "format",
+                    "choices": ("table", "csv", "json"),
+                    "default": "table",
+                    "help": "output format (default: table)",
+                },
+            ),
+            Option(
+                ("--since",),
+                {
+                    "dest": "since",
+                    "metavar": "DATE",
+                    "default": None,
+                    "type": _since_date,
+                    "help": "only clients and users seen on or after DATE (2026-03-01), and "
+                    "totals from that day",
+                },
+            ),
+        ),
     ),
 )
 
