@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from pop3proxy.admin.http import admin_service
 from pop3proxy.config import Settings
 from pop3proxy.migration.inventory import inventory_service
 from pop3proxy.telemetry import Telemetry
@@ -43,7 +44,7 @@ class AppContext:
 Service = Callable[[AppContext, trio.TaskStatus[None]], Awaitable[None]]
 
 #: Started in this order before the POP3 listener; stopped when it stops.
-SERVICES: list[Service] = [inventory_service]
+SERVICES: list[Service] = [inventory_service, admin_service]
 
 
 async def run(settings: Settings) -> None:
