@@ -181,6 +181,29 @@ def _since_date(text: str) -> object:
     return report.parse_since(text)
 
 
+# -- admin endpoint clients (issue 4) ------------------------------------------------------------
+
+
+def run_watch(settings: Settings, options: Mapping[str, Any]) -> int:
+    """``pop3proxy watch``: follow the live session events of a running proxy."""
+    watch = importlib.import_module("pop3proxy.watch")
+    status: int = watch.run_watch(settings.admin, as_json=bool(options.get("json")))
+    return status
+
+
+def run_healthcheck(settings: Settings, options: Mapping[str, Any]) -> int:
+    """``pop3proxy healthcheck``: exit 0 if ``/readyz`` answers 200, else 1."""
+    healthcheck = importlib.import_module("pop3proxy.admin.healthcheck")
+    if settings.admin is None or settings.admin.port == 0:
+        print(f"{PROG} healthcheck: --admin: the admin endpoint is off", file=sys.stderr)
+        return EXIT_START_FAILED
+    status: int = healthcheck.check(settings.admin, timeout=float(options["timeout"]))
+    return status
+
+
+# -- end of admin endpoint clients ----------------------------------------------------------------
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="serve",
@@ -272,6 +295,47 @@ COMMANDS: tuple[Command, ...] = (
                     "type": _since_date,
                     "help": "only clients and users seen on or after DATE (2026-03-01), and "
                     "totals from that day",
+                },
+            ),
+        ),
+    ),
+    # -- admin endpoint clients (issue 4) ---------------------------------------------------------
+    Command(
+        name="watch",
+        summary="follow a running proxy's sessions live (its /events feed)",
+        description="Connect to the admin endpoint of a running proxy (--admin, as given to "
+        "serve) and print its sessions as they open, log in, run commands and close. "
+        "Reconnects with back-off when the proxy restarts; Ctrl-C stops.",
+        run=run_watch,
+        settings=("admin", "config"),
+        options=(
+            Option(
+                ("--json",),
+                {
+                    "dest": "json",
+                    "action": "store_true",
+                    "help": "print the events as JSON lines, as received",
+                },
+            ),
+        ),
+    ),
+    Command(
+        name="healthcheck",
+        summary="exit 0 if a running proxy is ready (its /readyz answers 200), else 1",
+        description="Ask the admin endpoint of a running proxy (--admin, as given to serve) "
+        "whether it is ready: its upstream accepts verified TLS and greets +OK. For a Docker "
+        "HEALTHCHECK; needs no curl.",
+        run=run_healthcheck,
+        settings=("admin", "config"),
+        options=(
+            Option(
+                ("--timeout",),
+                {
+                    "dest": "timeout",
+                    "metavar": "SECONDS",
+                    "type": float,
+                    "default": 10.0,
+                    "help": "seconds to wait for the answer (default: 10)",
                 },
             ),
         ),
