@@ -17,7 +17,7 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,10 +62,27 @@ class Stage:
         found = self.all(keyword)
         return found[-1] if found else None
 
-    def env(self, initial: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The stage's ``ENV`` values, substituted in order, on top of ``initial``."""
+    def env(
+        self,
+        initial: Mapping[str, str] | None = None,
+        *,
+        upto: Instruction | None = None,
+        rewrite: Callable[[str], str] | None = None,
+    ) -> dict[str, str]:
+        """The stage's ``ENV`` values, substituted in order, on top of ``initial``.
+
+        Args:
+            initial: the base image's environment.
+            upto: only the ``ENV`` instructions before this one count.
+            rewrite: applied to each literal value before ``$VAR`` substitution (the tests
+                move absolute paths under a temporary directory with it).
+        """
         values = dict(initial or {})
-        for instruction in self.all("ENV"):
+        for instruction in self.instructions:
+            if instruction is upto:
+                break
+            if instruction.keyword != "ENV":
+                continue
             before = dict(values)  # one ENV line sees only the values set before it
             for word in shlex.split(instruction.args):
                 key, sep, value = word.partition("=")
@@ -73,7 +90,8 @@ class Stage:
                     raise DockerfileError(
                         f"line {instruction.line}: ENV must be KEY=VALUE pairs, got {word!r}"
                     )
-                values[key] = substitute(value, before)
+                literal = rewrite(value) if rewrite is not None else value
+                values[key] = substitute(literal, before)
         return values
 
 
