@@ -47,9 +47,10 @@ RUN groupadd --system --gid 10110 pop3proxy \
 COPY --from=build $VIRTUAL_ENV $VIRTUAL_ENV
 
 # Listen on port 110 of every interface of the container. An unprivileged process may bind it
-# because Docker, containerd and CRI-O set net.ipv4.ip_unprivileged_port_start=0 in each new
-# network namespace; on a runtime that does not, set that sysctl, or add CAP_NET_BIND_SERVICE
-# to the container, or listen on a high port and map 110 to it (docs/deployment.md).
+# because Docker (20.10 and later) and containerd (2.0 and later) set
+# net.ipv4.ip_unprivileged_port_start=0 in each new network namespace; elsewhere set that
+# sysctl (docker run --sysctl ...), or listen on a high port and map 110 to it
+# (docs/deployment.md).
 # The admin endpoint (/healthz, /readyz, /metrics) stays on 127.0.0.1:9110 unless
 # POP3PROXY_ADMIN says otherwise (Kubernetes probes need 0.0.0.0:9110).
 ENV PATH=$VIRTUAL_ENV/bin:$PATH \
@@ -73,7 +74,7 @@ STOPSIGNAL SIGTERM
 
 # Exit 0 when /readyz says ready: the upstream answered with a verified TLS handshake and +OK.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
-    CMD ["pop3proxy", "healthcheck"]
+    CMD ["pop3proxy", "healthcheck", "--timeout", "5"]
 
 ENTRYPOINT ["pop3proxy"]
 CMD ["serve"]
