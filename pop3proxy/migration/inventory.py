@@ -383,8 +383,11 @@ class Inventory:
         if not session.fingerprinted:
             session.fingerprinted = True
             # The login's own command completes after this event (the engine reports the
-            # result first), so its verb is added here.
-            verbs = [*session.verbs, _LOGIN_VERB.get(mechanism, f"AUTH {mechanism}")]
+            # result first), so its verb is added here, unless it came first after all.
+            login_verb = _LOGIN_VERB.get(mechanism, f"AUTH {mechanism}")
+            verbs = session.verbs
+            if not verbs or verbs[-1] != login_verb:
+                verbs = [*verbs, login_verb]
             fingerprint = ",".join(verbs[: MAX_VERBS + 1])
         client_tally = self._tally(self.batch.clients, session.client, now)
         user_tally = None
