@@ -446,6 +446,22 @@ def test_image_healthcheck_follows_the_upstream(
     )
 
 
+def turned_away(port: int) -> bool:
+    """Whether a new client gets no ``+OK`` greeting (refused, closed, or ``-ERR``)."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+            sock.makefile("rb") as reader,
+        ):
+            greeting = reader.readline()
+            if greeting.startswith(b"+OK"):
+                sock.sendall(b"QUIT\r\n")
+                return False
+    except OSError:
+        return True
+    return True
+
+
 def test_image_stop_signal_drains(image: Image, upstream: Dovecot, tmp_path: Path) -> None:
     """STOPSIGNAL lets an open session finish, then the process exits 0 by itself."""
     upstream.add_user("drainuser", "Drain-pw-1", [make_message(1024, subject="drain")])
@@ -459,16 +475,12 @@ def test_image_stop_signal_drains(image: Image, upstream: Dovecot, tmp_path: Pat
             pop.user("drainuser")
             pop.pass_("Drain-pw-1")
             os.kill(process.pid, image.stop_signal)
-
-            # New clients are turned away once draining (the listener closes) ...
-            def refused() -> bool:
-                try:
-                    socket.create_connection(("127.0.0.1", process.port), timeout=1).close()
-                except OSError:
-                    return True
-                return False
-
-            wait_until(refused, timeout=10, what="the listener to close after the stop signal")
+            # New clients are turned away once draining (refused, closed or -ERR) ...
+            wait_until(
+                lambda: turned_away(process.port),
+                timeout=10,
+                what="new clients to be turned away after the stop signal",
+            )
             # ... while the open session goes on.
             assert pop.stat()[0] == 1
             pop.quit()
