@@ -629,6 +629,15 @@ class Settings:
             metavar="N",
         ),
     )
+    login_failure_delay: float | None = field(
+        default=8.0,
+        metadata=setting(
+            _parse_seconds_or_off,
+            "longest delay before a failed-login reply once a client address keeps failing "
+            "(doubling from 1 s after the second failure); 0 for none",
+            metavar="SECONDS",
+        ),
+    )
     login_failure_window: float = field(
         default=600.0,
         metadata=setting(

@@ -19,16 +19,19 @@ upstream's TCP window, not our memory, absorbs the difference (back-pressure).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import secrets
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import trio
 
+from pop3proxy.admission import Gatekeeper, client_ip
 from pop3proxy.config import Settings
+from pop3proxy.policy import IPAddress, Policy, Verdict
 from pop3proxy.pop3 import (
     CapabilityLine,
     Command,
@@ -44,6 +47,7 @@ from pop3proxy.pop3 import (
     SaslEnded,
     SaslStarted,
     UnsolicitedResponse,
+    UserNamed,
 )
 from pop3proxy.telemetry import SessionTelemetry, Telemetry
 from pop3proxy.tls import UpstreamError, describe_peer, open_upstream, read_buffered_plaintext
@@ -54,8 +58,9 @@ __all__ = ["CLIENT_RECEIVE_SIZE", "UPSTREAM_BATCH_LIMIT", "Proxy", "format_addre
 CLIENT_RECEIVE_SIZE = 16 * 1024
 #: Most plaintext gathered from already-received TLS records before one send to the client.
 UPSTREAM_BATCH_LIMIT = 256 * 1024
-#: How long closing a connection politely (TLS close_notify) may take.
+#: How long a last line to a departing client (a refusal) may take to send.
 CLOSE_TIMEOUT = 2.0
+REFUSE_UNKNOWN = b"-ERR [SYS/PERM] cannot tell where you connect from\r\n"
 
 _Stream = trio.SocketStream
 _TLSStream = trio.SSLStream[trio.SocketStream]
@@ -96,14 +101,23 @@ class Proxy:
         context: ssl.SSLContext,
         listener: str,
         telemetry: Telemetry | None = None,
+        policies: Sequence[Policy] = (),
     ) -> None:
+        self.listener = listener
+        self.telemetry = telemetry or Telemetry()
+        self.gatekeeper = Gatekeeper(settings, policies)
+        self.reconfigure(settings, context, policies)
+
+    def reconfigure(
+        self, settings: Settings, context: ssl.SSLContext, policies: Sequence[Policy] = ()
+    ) -> None:
+        """Use new settings, trust material and policies for new sessions (SIGHUP)."""
         if settings.upstream is None:
             raise ValueError("settings.upstream is required")
         self.settings = settings
         self.upstream = settings.upstream
         self.context = context
-        self.listener = listener
-        self.telemetry = telemetry or Telemetry()
+        self.gatekeeper.reconfigure(settings, policies)
 
     async def handle_client(self, client: _Stream) -> None:
         """Run one session from accept to close; never raises (the error boundary)."""
@@ -116,17 +130,37 @@ class Proxy:
         stats = SessionStats()
         reason = "shutdown"  # kept only if the session is cancelled from outside
         try:
-            peer = format_address(client.socket.getpeername())
-        except OSError:
-            peer = "unknown"
+            sockaddr = client.socket.getpeername()
+            peer, address = format_address(sockaddr), client_ip(sockaddr[0])
+        except (OSError, ValueError):
+            peer, address = "unknown", None
         log.info("session.opened", client=peer, listener=self.listener)
+        gatekeeper = self.gatekeeper
+        admitted = False
         try:
-            reason = await self._run_session(client, stats, log)
+            verdict = Verdict("deny", "unknown_client", REFUSE_UNKNOWN)
+            if address is not None:
+                verdict = gatekeeper.admit(address, dt.datetime.now(dt.UTC))
+            _log_verdict(log, verdict, None)
+            if verdict.action == "deny" and not verdict.dry_run:
+                reply = verdict.reply or REFUSE_UNKNOWN
+                stats.bytes_to_client += await _send_quietly(client, reply)
+                reason = f"refused_{verdict.reason}"
+                return
+            assert address is not None
+            gatekeeper.session_started(address)
+            admitted = True
+            session = _Session(
+                self, client, address=address, stats=stats, log=log, admission=verdict
+            )
+            reason = await session.run()
         except Exception as exc:  # the error boundary: one broken session never spreads
             reason = "internal_error"
             log.exception("session.error", error_type=type(exc).__name__)
             await _send_quietly(client, b"-ERR [SYS/TEMP] internal proxy error\r\n")
         finally:
+            if admitted and address is not None:
+                gatekeeper.session_ended(address)
             await trio.aclose_forcefully(client)
             log.info(
                 "session.closed",
@@ -141,14 +175,52 @@ class Proxy:
                 duration_s=round(trio.current_time() - started, 3),
             )
 
-    async def _run_session(
-        self, client: _Stream, stats: SessionStats, log: SessionTelemetry
-    ) -> str:
-        settings = self.settings
+
+
+def _log_verdict(log: SessionTelemetry, verdict: Verdict, user: str | None) -> None:
+    if verdict.action == "allow" and not verdict.dry_run:
+        return
+    level = log.warning if verdict.action == "deny" and not verdict.dry_run else log.info
+    level(
+        "policy.verdict",
+        action=verdict.action,
+        reason=verdict.reason,
+        rule=verdict.rule,
+        dry_run=verdict.dry_run,
+        user=user,
+    )
+
+
+class _Session:
+    """One admitted client: connect upstream, then relay until either side is done."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        client: _Stream,
+        *,
+        address: IPAddress,
+        stats: SessionStats,
+        log: SessionTelemetry,
+        admission: Verdict,
+    ) -> None:
+        # A session keeps the configuration it was admitted with, whatever SIGHUP brings.
+        self.settings = proxy.settings
+        self.context = proxy.context
+        self.upstream_endpoint = proxy.upstream
+        self.gatekeeper = proxy.gatekeeper
+        self.client = client
+        self.address = address
+        self.stats = stats
+        self.log = log
+        self.admission = admission
+
+    async def run(self) -> str:
+        settings, log, endpoint = self.settings, self.log, self.upstream_endpoint
         try:
             upstream = await open_upstream(
-                self.upstream.host,
-                self.upstream.port,
+                endpoint.host,
+                endpoint.port,
                 server_name=settings.tls_server_name,
                 context=self.context,
                 connect_timeout=settings.connect_timeout,
@@ -157,22 +229,28 @@ class Proxy:
         except UpstreamError as exc:
             log.warning(
                 "upstream.failed",
-                upstream=str(self.upstream),
+                upstream=str(endpoint),
                 phase=exc.phase,
                 reason=exc.reason,
                 error=exc.message,
             )
             reply = f"-ERR [SYS/TEMP] mail server unavailable ({exc.reason}), try again later\r\n"
-            stats.bytes_to_client += await _send_quietly(client, reply.encode())
+            self.stats.bytes_to_client += await _send_quietly(self.client, reply.encode())
             return "upstream_failed"
         peer = describe_peer(upstream)
-        stats.tls_version = peer["tls_version"]
-        log.info("upstream.tls_established", upstream=str(self.upstream), **peer)
+        self.stats.tls_version = peer["tls_version"]
+        log.info("upstream.tls_established", upstream=str(endpoint), **peer)
+        relay = _Relay(self, upstream)
         try:
-            return await _Relay(client, upstream, stats, log, settings.idle_timeout).run()
+            if settings.session_timeout is None:
+                return await relay.run()
+            with trio.move_on_after(settings.session_timeout):
+                return await relay.run()
+            log.info("session.lifetime_exceeded", session_timeout_s=settings.session_timeout)
+            return "session_timeout"
         finally:
             with (
-                trio.move_on_after(CLOSE_TIMEOUT, shield=True),
+                trio.move_on_after(settings.close_timeout, shield=True),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
             ):
                 await upstream.aclose()
@@ -193,23 +271,30 @@ async def _send_quietly(stream: _Stream, data: bytes) -> int:
 class _Relay:
     """The two pumps and the watchdog of an established session."""
 
-    def __init__(
-        self,
-        client: _Stream,
-        upstream: _TLSStream,
-        stats: SessionStats,
-        log: SessionTelemetry,
-        idle_timeout: float,
-    ) -> None:
-        self.log = log
-        self.client = client
+    def __init__(self, session: _Session, upstream: _TLSStream) -> None:
+        settings = session.settings
+        self.session = session
+        self.log = session.log
+        self.client = session.client
         self.upstream = upstream
-        self.stats = stats
-        self.idle_timeout = idle_timeout
-        self.conversation = Pop3Conversation()
+        self.stats = session.stats
+        self.idle_timeout = settings.idle_timeout
+        self.close_timeout = settings.close_timeout
+        self.conversation = Pop3Conversation(
+            max_command_line=settings.max_command_line,
+            max_sasl_line=settings.max_auth_line,
+            max_pipelined=settings.max_pipelined,
+        )
+        self.conversation.greeting_notice = session.admission.notice
         self.client_send_lock = trio.StrictFIFOLock()
         self.last_activity = trio.current_time()
-        self.client_eof = False
+        self.client_eof_at: float | None = None
+        self.replies_arrived = trio.Event()
+        self.login_failures = 0
+        #: Set when a login was refused here: the session ends once the refusal is sent.
+        self.end_after_flush: str | None = None
+        #: Seconds to hold back the next reply to the client (a failed login's penalty).
+        self.reply_delay = 0.0
         self.reason: str | None = None
         self.cancel_scope = trio.CancelScope()
         self.observers: dict[type[Event], Callable[[Any], None]] = {
@@ -223,6 +308,7 @@ class _Relay:
             SaslStarted: self._on_sasl_started,
             SaslEnded: self._on_sasl_ended,
             CapabilityLine: self._on_capability,
+            UserNamed: self._on_user_named,
         }
 
     async def run(self) -> str:
@@ -246,19 +332,25 @@ class _Relay:
     async def _client_to_upstream(self) -> None:
         conversation, stats = self.conversation, self.stats
         while True:
-            try:
-                data = bytes(await self.client.receive_some(CLIENT_RECEIVE_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._finish("client_reset")
-                return
-            self.last_activity = trio.current_time()
-            if not data:
-                self._observe(conversation.client_closed())
-                self.client_eof = True
-                if not conversation.pending:
-                    self._finish("client_closed")
-                return
-            stats.bytes_from_client += len(data)
+            if conversation.client_paused:
+                # RFC 2449 PIPELINING, bounded: read no more until replies make room.
+                await self.replies_arrived.wait()
+                self.replies_arrived = trio.Event()
+                data = b""
+            else:
+                try:
+                    data = bytes(await self.client.receive_some(CLIENT_RECEIVE_SIZE))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._finish("client_reset")
+                    return
+                self.last_activity = trio.current_time()
+                if not data:
+                    self._observe(conversation.client_closed())
+                    self.client_eof_at = trio.current_time()
+                    if not conversation.pending:
+                        self._finish("client_closed")
+                    return
+                stats.bytes_from_client += len(data)
             try:
                 events = conversation.receive_client(data)
             except RemoteProtocolError as exc:
@@ -301,14 +393,18 @@ class _Relay:
                 await self._protocol_error(exc)
                 return
             self._observe(events)
+            self.replies_arrived.set()
             await self._flush_to_client()
-            if self.client_eof and not conversation.pending:
+            if self.client_eof_at is not None and not conversation.pending:
                 self._finish("client_closed")
                 return
 
     async def _flush_to_client(self) -> None:
         """Send what the conversation owes the client; one writer at a time keeps the order."""
         async with self.client_send_lock:
+            if self.reply_delay:
+                delay, self.reply_delay = self.reply_delay, 0.0
+                await trio.sleep(delay)
             outgoing = self.conversation.take_client_bytes()
             if not outgoing:
                 return
@@ -319,6 +415,8 @@ class _Relay:
                 return
             self.stats.bytes_to_client += len(outgoing)
             self.last_activity = trio.current_time()
+            if self.end_after_flush is not None:
+                self._finish(self.end_after_flush)
 
     def _upstream_closed(self, *, tls_close_notify: bool) -> None:
         events = self.conversation.server_closed()
@@ -348,7 +446,7 @@ class _Relay:
         while True:
             deadline = self.last_activity + self.idle_timeout
             if trio.current_time() >= deadline:
-                self.log.info("session.idle_timeout", idle_timeout_s=self.idle_timeout)
+
                 self._finish("idle_timeout")
                 return
             await trio.sleep_until(deadline)
@@ -384,12 +482,34 @@ class _Relay:
         self.stats.user = event.user
         self.log.info("pop3.login", user=event.user, mechanism=event.mechanism, result="success")
 
+    def _on_user_named(self, event: UserNamed) -> None:
+        """Refuse a login here, before the credential reaches the upstream, if policy says so."""
+        session = self.session
+        verdict = session.gatekeeper.check_login(
+            session.address,
+            event.user,
+            session_failures=self.login_failures,
+            monotonic=trio.current_time(),
+            now=dt.datetime.now(dt.UTC),
+        )
+        # AUTH LOGIN's first line may be a confused client's password: keep it out of logs.
+        _log_verdict(self.log, verdict, None if event.mechanism == "LOGIN" else event.user)
+        if verdict.action != "deny" or verdict.dry_run:
+            return
+        self._observe(self.conversation.answer_locally(event.command, verdict.reply or b""))
+        self.end_after_flush = f"login_refused_{verdict.reason}"
+
     def _on_login_failed(self, event: LoginFailed) -> None:
+        if not event.cancelled:  # a client that gives up with "*" guessed nothing
+            self.login_failures += 1
+            session = self.session
+            delay = session.gatekeeper.record_login_failure(session.address, trio.current_time())
+            self.reply_delay = max(self.reply_delay, delay)
         self.log.info(
             "pop3.login",
             user=event.user,
             mechanism=event.mechanism,
-            result="failure",
+            result="cancelled" if event.cancelled else "failure",
             code=event.status.code,
         )
 

@@ -62,14 +62,27 @@ def dovecot(ca: trustme.CA) -> Iterator[Dovecot]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+#: Settings of the shared proxy that differ from the defaults (see ``proxy``).
+SHARED_PROXY_ARGS = (
+    "--client-login-failures", "1000000",
+    "--max-login-failures", "1000",
+    "--login-failure-delay", "0",
+)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def proxy(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    """``pop3proxy serve`` (JSON logs) on an ephemeral port in front of ``dovecot``."""
+    """``pop3proxy serve`` (JSON logs) on an ephemeral port in front of ``dovecot``.
+
+    Shared by many tests that fail logins on purpose from 127.0.0.1: the per-address login
+    budget and its delays are lifted here and tested with proxies of their own.
+    """
     process = ProxyProcess(
         tmp_path_factory.mktemp("proxy") / "proxy.log",
         upstream_port=dovecot.port,
         ca_file=dovecot.ca_pem_path,
         server_name=dovecot.server_name,
+        extra_args=SHARED_PROXY_ARGS,
     )
     process.start()
     try:

@@ -244,8 +244,11 @@ def test_failed_login_gets_err_and_session_goes_on(
 
     proxy.wait_session_closed(session_id)
     logins = [e for e in proxy.session_events(session_id) if e.get("event") == "pop3.login"]
+    # A failed AUTH LOGIN's first line is not known to be a user name (a confused client may
+    # send its password first), so the proxy does not log it.
+    failed_user = None if flow == "LOGIN" else box.user
     assert [(e.get("user"), e.get("mechanism"), e.get("result")) for e in logins] == [
-        (box.user, MECHANISMS[flow], "failure"),
+        (failed_user, MECHANISMS[flow], "failure"),
         (box.user, "USER", "success"),
     ]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SHARED_PROXY_ARGS
 from tests.peers.dovecot import Dovecot, MailboxFactory
 from tests.peers.proxy import ProxyProcess
 
@@ -72,7 +73,7 @@ def watch(
         upstream_port=dovecot.port,
         ca_file=dovecot.ca_pem_path,
         server_name=dovecot.server_name,
-        extra_args=["--log-level", level],
+        extra_args=["--log-level", level, *SHARED_PROXY_ARGS],
     )
     proxy.start()
     watching = LeakWatch(proxy, level)

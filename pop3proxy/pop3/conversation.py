@@ -596,7 +596,7 @@ class Pop3Conversation:
         # confused client may send its password first.
         trusted = status.ok or mechanism != "LOGIN"
         self.user = _sasl_user(mechanism, head.sasl_first) if trusted else None
-        self._login_result(status, mechanism, self.user, events)
+        self._login_result(status, mechanism, self.user, events, cancelled=head.sasl_cancelled)
         # Lines the client sent that no challenge asked for are read by the server as
         # commands; queue them so that their replies are matched (RFC 5034 forbids this,
         # but a confused client must not desynchronise the queue).
@@ -606,12 +606,18 @@ class Pop3Conversation:
             self._pending.appendleft(_Pending(command=orphan, multiline=False))
 
     def _login_result(
-        self, status: Status, mechanism: str, user: str | None, events: list[Event]
+        self,
+        status: Status,
+        mechanism: str,
+        user: str | None,
+        events: list[Event],
+        *,
+        cancelled: bool = False,
     ) -> None:
         if status.ok:
             events.append(LoginSucceeded(user=user, mechanism=mechanism))
         else:
-            events.append(LoginFailed(user=user, mechanism=mechanism, status=status))
+            events.append(LoginFailed(user, mechanism, status, cancelled=cancelled))
 
     def _flush_local_replies(self, events: list[Event]) -> None:
         """Send the replies the proxy owes, once every earlier reply has gone out."""

@@ -280,11 +280,12 @@ class LoginSucceeded(Event):
 
 @dataclass(frozen=True, slots=True)
 class LoginFailed(Event):
-    """The server refused PASS, APOP or AUTH (or the client cancelled AUTH)."""
+    """The server refused PASS, APOP or AUTH, or the client cancelled AUTH with ``*``."""
 
     user: str | None
     mechanism: str
     status: Status
+    cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -399,7 +399,7 @@ def test_auth_cancelled_by_client(split: Split) -> None:
         SaslResponse(auth, Secret("*"), cancelled=True),
         Response(auth, status, multiline=False),
         SaslEnded(auth, "LOGIN", status, cancelled=True),
-        LoginFailed(user=None, mechanism="LOGIN", status=status),
+        LoginFailed(user=None, mechanism="LOGIN", status=status, cancelled=True),
         CommandCompleted(auth, status, len(server_input(transcript)) - len(GREETING)),
     ]
     assert result.state is State.AUTHORIZATION
