@@ -213,7 +213,9 @@ def build_image(root: Path) -> Image:
     base_env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("POP3PROXY_", "PYTHON", "PIP_")) and key != "VIRTUAL_ENV"
+        # The machine's PIP_* settings (an index mirror, say) stay: a real build gets them
+        # as build arguments. The Dockerfile's ENV overrides them.
+        if not key.startswith(("POP3PROXY_", "PYTHON")) and key != "VIRTUAL_ENV"
     }
     _replay_build(build, root, base_env)
 
