@@ -59,6 +59,10 @@ MAX_CONNECTIONS: Final = 64
 #: Kernel send buffer of a watcher's socket: what a stuck watcher may hold, besides its queue.
 WATCHER_SNDBUF: Final = 64 * 1024
 RECEIVE_SIZE: Final = 4096
+#: After a response: how long, and how much, to read and discard before closing, so that
+#: the kernel does not answer unread input with a reset that destroys the response.
+LINGER_TIMEOUT: Final = 2.0
+LINGER_LIMIT: Final = 256 * 1024
 
 DEFAULT_ADMIN: Final = Endpoint("127.0.0.1", DEFAULT_ADMIN_PORT)
 
@@ -146,7 +150,7 @@ def _text(status: int, message: str, headers: list[tuple[str, str]] | None = Non
 
 
 def _json(status: int, value: object) -> Response:
-    body = json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"
+    body = json.dumps(value, sort_keys=True, separators=(",", ":")).encode() + b"\n"
     return status, _JSON, body, []
 
 
@@ -243,10 +247,20 @@ class AdminServer:
                 return event
             return None  # ConnectionClosed before a request
 
-    async def _send(self, stream: trio.abc.SendStream, response: Response, *, head: bool) -> None:
+    async def _send(self, stream: trio.SocketStream, response: Response, *, head: bool) -> None:
+        """Send the response, then close gently: a client still sending (a head that was too
+        large) must get to read the answer, not a reset."""
         status, content_type, body, headers = response
         with trio.move_on_after(SEND_TIMEOUT):
             await stream.send_all(_response_bytes(status, content_type, body, headers, head))
+        with (
+            trio.move_on_after(LINGER_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await stream.send_eof()
+            drained = 0
+            while drained < LINGER_LIMIT and (data := await stream.receive_some(RECEIVE_SIZE)):
+                drained += len(data)
 
     # -- routes -----------------------------------------------------------------------------------
 
