@@ -8,18 +8,24 @@ subscribe to session events, or read the settings; none reaches into the relay.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import structlog
 import trio
 
 from pop3proxy.admin.http import admin_service
 from pop3proxy.config import Settings
 from pop3proxy.migration.inventory import inventory_service
+from pop3proxy.policy import Policy
+from pop3proxy.relay import Proxy
 from pop3proxy.telemetry import Telemetry
 
-__all__ = ["SERVICES", "AppContext", "Service", "run"]
+__all__ = ["SERVICES", "AppContext", "Service", "policies", "run"]
+
+_log = structlog.get_logger("pop3proxy.app")
 
 
 @dataclass(slots=True)
@@ -31,12 +37,14 @@ class AppContext:
         telemetry: subscribe with ``telemetry.add_sink`` to receive every session event.
         listeners: the bound POP3 addresses, once listening.
         started_at: ``trio.current_time()`` at start-up.
+        draining: set once SIGTERM/SIGINT started the graceful drain (readiness fails).
     """
 
     settings: Settings
     telemetry: Telemetry
     listeners: list[str] = field(default_factory=list)
     started_at: float = 0.0
+    draining: bool = False
 
 
 #: A service runs until cancelled; it calls ``task_status.started()`` once it is ready, and
@@ -47,15 +55,118 @@ Service = Callable[[AppContext, trio.TaskStatus[None]], Awaitable[None]]
 SERVICES: list[Service] = [inventory_service, admin_service]
 
 
-async def run(settings: Settings) -> None:
-    """Run the proxy and its services until cancelled (Ctrl-C) or a service fails."""
-    from pop3proxy.server import serve  # noqa: PLC0415 - keeps `pop3proxy --help` light
+async def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """Run the proxy and its services until a signal stops them.
+
+    SIGTERM or SIGINT: stop accepting, let open sessions finish for up to ``drain_timeout``,
+    close the rest, return (exit 0); a second one closes every session at once. SIGHUP:
+    ``reload()`` the settings and use the new trust material, allow list and rules for new
+    sessions; open sessions keep theirs.
+    """
+    from pop3proxy.server import build_proxy, serve  # noqa: PLC0415 - keeps --help light
 
     context = AppContext(settings=settings, telemetry=Telemetry())
     context.started_at = trio.current_time()
-    async with trio.open_nursery() as nursery:
+    proxy = build_proxy(settings, context.telemetry, policies(settings))
+    async with trio.open_nursery() as services:
         for service in SERVICES:
-            await nursery.start(service, context)
-        context.listeners = await nursery.start(
-            functools.partial(serve, settings, telemetry=context.telemetry)
+            await services.start(service, context)
+        async with trio.open_nursery() as sessions:
+            accepting = trio.CancelScope()
+            drain = _Drain(context, proxy, accepting, sessions.cancel_scope, reload)
+            services.start_soon(drain.watch_signals)
+
+            async def accept(task_status: trio.TaskStatus[list[str]]) -> None:
+                with accepting:
+                    await serve(
+                        settings, proxy=proxy, handler_nursery=sessions, task_status=task_status
+                    )
+
+            context.listeners = await sessions.start(accept)
+        _log.info("proxy.stopped", reason="drained" if context.draining else "stopped")
+        services.cancel_scope.cancel()
+
+
+def policies(settings: Settings) -> list[Policy]:
+    """The policies beyond the built-in access control: the migration phases (rules)."""
+    from pop3proxy.migration.rules import RuleSet  # noqa: PLC0415 - keeps --help light
+
+    rules = RuleSet.from_settings(settings)
+    return [rules] if len(rules) else []
+
+
+class _Drain:
+    """Signal handling: graceful drain on SIGTERM/SIGINT, reload on SIGHUP."""
+
+    def __init__(
+        self,
+        context: AppContext,
+        proxy: Proxy,
+        accepting: trio.CancelScope,
+        sessions: trio.CancelScope,
+        reload: Callable[[], Settings] | None,
+    ) -> None:
+        self.context = context
+        self.proxy = proxy
+        self.accepting = accepting
+        self.sessions = sessions
+        self.reload = reload
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reconfigure()
+                elif not self.context.draining:
+                    self.start_drain(signal.Signals(signum).name)
+                else:
+                    _log.warning(
+                        "drain.aborted",
+                        signal=signal.Signals(signum).name,
+                        active_sessions=self.proxy.gatekeeper.active,
+                    )
+                    self.sessions.cancel()
+
+    def start_drain(self, signal_name: str) -> None:
+        timeout = self.context.settings.drain_timeout
+        self.context.draining = True
+        _log.info(
+            "drain.started",
+            signal=signal_name,
+            active_sessions=self.proxy.gatekeeper.active,
+            drain_timeout_s=timeout,
+        )
+        self.accepting.cancel()
+        self.sessions.deadline = trio.current_time() + timeout
+
+    def reconfigure(self) -> None:
+        if self.reload is None:
+            _log.warning("reload.unsupported")
+            return
+        from pop3proxy.config import ConfigError  # noqa: PLC0415
+        from pop3proxy.tls import make_upstream_context  # noqa: PLC0415
+
+        old = self.context.settings
+        try:
+            new = self.reload()
+            tls = make_upstream_context(new.upstream_ca_file, new.tls_min_version)
+            rules = policies(new)
+        except (ConfigError, ValueError, OSError) as exc:  # ssl.SSLError is an OSError
+            _log.error("reload.failed", error=str(exc), kept="previous settings")
+            return
+        if new.listen != old.listen:
+            _log.warning(
+                "reload.listen_unchanged",
+                listen=str(old.listen),
+                wanted=str(new.listen),
+                note="a new listen address needs a restart",
+            )
+            new = dataclasses.replace(new, listen=old.listen)
+        self.proxy.reconfigure(new, tls, rules)
+        self.context.settings = new
+        _log.info(
+            "reload.done",
+            allow=[str(n) for n in new.allow],
+            rules=len(rules),
+            upstream=str(new.upstream),
         )

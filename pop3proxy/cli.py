@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import importlib
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -151,9 +152,10 @@ def _run_trio(main: Callable[[Settings], Awaitable[None]], settings: Settings) -
 
 
 def run_serve(settings: Settings, options: Mapping[str, Any]) -> int:
-    """``pop3proxy serve``: run the proxy until interrupted."""
+    """``pop3proxy serve``: run the proxy until a signal drains it (SIGHUP reloads)."""
     app = importlib.import_module("pop3proxy.app")
-    return _run_trio(app.run, settings)
+    reload = options.get("reload_settings")
+    return _run_trio(functools.partial(app.run, reload=reload), settings)
 
 
 def run_demo(settings: Settings, options: Mapping[str, Any]) -> int:
@@ -447,4 +449,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # after --help or --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
+    # SIGHUP re-reads the same flags, the environment and the config file.
+    options["reload_settings"] = lambda: parse_command_line(argv)[1]
     return command.run(settings, options)
