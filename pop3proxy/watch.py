@@ -142,6 +142,19 @@ def format_event(event: Mapping[str, Any]) -> list[str]:
     return [f"{_time(event)}  {session:<8}  {text}"]
 
 
+def _show(record: str, out: TextIO, *, as_json: bool) -> None:
+    if as_json:
+        print(record, file=out, flush=True)
+        return
+    try:
+        event = json.loads(record)
+    except ValueError:
+        return
+    if isinstance(event, dict):
+        for line in format_event(event):
+            print(line, file=out, flush=True)
+
+
 async def follow(
     url: str,
     *,
@@ -172,16 +185,8 @@ async def follow(
                     if isinstance(message, bytes):
                         message = message.decode("utf-8", "replace")
                     text = message
-                    if as_json:
-                        print(text, file=out, flush=True)
-                        continue
-                    try:
-                        event = json.loads(text)
-                    except ValueError:
-                        continue
-                    if isinstance(event, dict):
-                        for line in format_event(event):
-                            print(line, file=out, flush=True)
+                    for record in text.split("\n"):  # one or more events, one per line
+                        _show(record, out, as_json=as_json)
         except ConnectionRejected as exc:
             if 400 <= exc.status_code < 500:
                 raise WatchError(f"{url} refused the WebSocket: HTTP {exc.status_code}") from None

@@ -57,9 +57,12 @@
     const ws = new WebSocket(scheme + location.host + "/events");
     ws.onopen = () => { backoff = 500; setFeedState("live", "live"); };
     ws.onmessage = (message) => {
-      let event;
-      try { event = JSON.parse(message.data); } catch (err) { return; }
-      handle(event);
+      // One or more events per message, one JSON object per line.
+      for (const line of String(message.data).split("\n")) {
+        let event;
+        try { event = JSON.parse(line); } catch (err) { continue; }
+        handle(event);
+      }
     };
     ws.onclose = () => {
       setFeedState("down", "disconnected, retrying");
