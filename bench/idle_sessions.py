@@ -83,15 +83,31 @@ def fd_count(pid: int) -> int:
 
 
 def raise_fd_limit(wanted: int) -> int:
-    """Raise RLIMIT_NOFILE (children inherit it); as root the hard limit too."""
+    """Raise RLIMIT_NOFILE to ``wanted`` (children inherit it), the hard limit too if allowed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < wanted:
-        if os.geteuid() != 0:
-            raise BenchError(f"need {wanted} file descriptors, the hard limit is {hard}")
-        hard = wanted
-    if soft == resource.RLIM_INFINITY or soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+        except (ValueError, OSError):
+            raise BenchError(
+                f"need {wanted} file descriptors, and the hard limit RLIMIT_NOFILE is {hard}, "
+                "which this process may not raise (no CAP_SYS_RESOURCE)"
+            ) from None
+    elif soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+#: The proxy's descriptors besides two per session (listener, log, epoll, pipes, ...).
+PROXY_FD_MARGIN = 100
+
+
+def max_sessions_for_fds() -> int:
+    """The most sessions the proxy can hold within the hard RLIMIT_NOFILE (two fds each)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return 1_000_000
+    return (hard - PROXY_FD_MARGIN) // 2
 
 
 def free_port() -> int:
@@ -434,7 +450,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root (Dovecot needs it)")
 
-    limit = raise_fd_limit(3 * args.sessions + 4096)
+    # The proxy holds two descriptors per session (client and upstream); this process one.
+    try:
+        limit = raise_fd_limit(2 * args.sessions + PROXY_FD_MARGIN)
+    except BenchError as exc:
+        print(
+            f"idle_sessions: {args.sessions} sessions are not possible here: {exc}; "
+            f"at most {max_sessions_for_fds()} sessions fit (try --sessions "
+            f"{max_sessions_for_fds()})",
+            file=sys.stderr,
+        )
+        return 2
     print(f"RLIMIT_NOFILE {limit}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="idlebench-"))
     workdir.chmod(0o755)
