@@ -475,6 +475,8 @@ def test_image_stop_signal_drains(image: Image, upstream: Dovecot, tmp_path: Pat
             pop.user("drainuser")
             pop.pass_("Drain-pw-1")
             os.kill(process.pid, image.stop_signal)
+            started = process.wait_for_event("drain.started", timeout=10)
+            assert started["signal"] == image.stop_signal.name
             # New clients are turned away once draining (refused, closed or -ERR) ...
             wait_until(
                 lambda: turned_away(process.port),
