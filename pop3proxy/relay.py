@@ -332,10 +332,11 @@ class _Relay:
     async def _client_to_upstream(self) -> None:
         conversation, stats = self.conversation, self.stats
         while True:
-            if conversation.client_paused:
+            if conversation.client_backlog:
                 # RFC 2449 PIPELINING, bounded: read no more until replies make room.
-                await self.replies_arrived.wait()
-                self.replies_arrived = trio.Event()
+                while conversation.client_paused:
+                    await self.replies_arrived.wait()
+                    self.replies_arrived = trio.Event()
                 data = b""
             else:
                 try:
@@ -441,13 +442,20 @@ class _Relay:
         """RFC 1939 section 3: autologout only after at least 10 minutes without traffic.
 
         Idle means no octet in either direction, so a client slowly reading a large
-        message is never idle.
+        message is never idle. Once the client has half-closed, its outstanding replies
+        get ``close_timeout`` to arrive.
         """
         while True:
             deadline = self.last_activity + self.idle_timeout
+            if self.client_eof_at is not None:
+                deadline = min(deadline, self.client_eof_at + self.close_timeout)
             if trio.current_time() >= deadline:
-
-                self._finish("idle_timeout")
+                if self.client_eof_at is None:
+                    self.log.info("session.idle_timeout", timeout_s=self.idle_timeout)
+                    self._finish("idle_timeout")
+                else:
+                    self.log.info("session.close_timeout", timeout_s=self.close_timeout)
+                    self._finish("close_timeout")
                 return
             await trio.sleep_until(deadline)
 

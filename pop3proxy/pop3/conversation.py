@@ -276,10 +276,15 @@ class Pop3Conversation:
         return len(self._pending)
 
     @property
+    def client_backlog(self) -> bool:
+        """Complete client lines are buffered, unprocessed: call ``receive_client(b"")``
+        (once :attr:`client_paused` is false) before reading more from the client."""
+        return b"\n" in self._client_buf
+
+    @property
     def client_paused(self) -> bool:
-        """Complete client lines wait for replies (``max_pipelined``); stop reading the client
-        and call ``receive_client(b"")`` once replies have arrived."""
-        return self._pipeline_full() and b"\n" in self._client_buf
+        """Buffered client lines must wait for replies (``max_pipelined`` commands pending)."""
+        return self._pipeline_full() and self.client_backlog
 
     def _pipeline_full(self) -> bool:
         return (

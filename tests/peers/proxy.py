@@ -81,6 +81,13 @@ class ProxyProcess:
             f"{self.upstream_host}:{self.upstream_port}",
             "--log-format",
             "json",
+            # Many proxies run at once in the suite: no fixed admin port, no shared inventory
+            # file under the user's data directory. Tests that need them pass their own
+            # (later flags win).
+            "--admin",
+            "off",
+            "--state-dir",
+            ":memory:",
         ]
         if self.ca_file is not None:
             cmd += ["--upstream-ca-file", str(self.ca_file)]
@@ -138,6 +145,18 @@ class ProxyProcess:
             self._log.close()
             self._log = None
         return status
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` (SIGTERM to drain, SIGHUP to reload) to the running proxy."""
+        if self._proc is None:
+            raise ProxyError("the proxy has not started")
+        self._proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        """Wait for the proxy to exit by itself; its exit status."""
+        if self._proc is None:
+            raise ProxyError("the proxy has not started")
+        return self._proc.wait(timeout=timeout)
 
     def __enter__(self) -> Self:
         self.start()

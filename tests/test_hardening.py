@@ -1,0 +1,395 @@
+"""Issue 3 against the real proxy and Dovecot: access control, limits, timers, drain, reload.
+
+Every check asserts the client's reply, the log event, and that a following session still
+works. Addresses 127.0.0.2-127.0.0.9 stand for different clients (all loopback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.peers.dovecot import Dovecot, Mailbox, MailboxFactory
+from tests.peers.proxy import ProxyProcess
+
+TIMEOUT = 10.0
+
+
+@contextlib.contextmanager
+def started_proxy(
+    tmp_path: Path, dovecot: Dovecot, *args: str, config: Path | None = None
+) -> Iterator[ProxyProcess]:
+    extra = [*args, *(["--config", str(config)] if config else [])]
+    proxy = ProxyProcess(
+        tmp_path / f"proxy-{time.monotonic_ns()}.log",
+        upstream_port=dovecot.port,
+        ca_file=dovecot.ca_pem_path,
+        server_name=dovecot.server_name,
+        extra_args=extra,
+    )
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+class Client:
+    """A raw POP3 client bound to a chosen loopback source address."""
+
+    def __init__(self, proxy: ProxyProcess, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", proxy.port), timeout=TIMEOUT, source_address=(source, 0)
+        )
+        self.file = self.sock.makefile("rb")
+        self.local_port: int = self.sock.getsockname()[1]
+
+    def line(self) -> bytes:
+        return self.file.readline()
+
+    def command(self, line: str) -> bytes:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.line()
+
+    def login(self, box: Mailbox) -> None:
+        assert self.line().startswith(b"+OK")
+        assert self.command(f"USER {box.user}").startswith(b"+OK")
+        assert self.command(f"PASS {box.password}").startswith(b"+OK")
+
+    def closed(self) -> bool:
+        """The proxy closed the connection (EOF or reset)."""
+        try:
+            return self.file.read() == b"" or True
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def fresh_session_works(proxy: ProxyProcess, box: Mailbox, source: str = "127.0.0.1") -> None:
+    client = Client(proxy, source)
+    try:
+        client.login(box)
+        assert client.command("STAT").startswith(b"+OK")
+        assert client.command("QUIT").startswith(b"+OK")
+    finally:
+        client.close()
+
+
+def session_closed(proxy: ProxyProcess, client: Client) -> dict[str, object]:
+    return proxy.wait_session_closed(proxy.session_id_for(client.local_port))
+
+
+def verdicts(proxy: ProxyProcess, session_id: str) -> list[tuple[object, object]]:
+    return [
+        (e.get("action"), e.get("reason"))
+        for e in proxy.session_events(session_id)
+        if e.get("event") == "policy.verdict"
+    ]
+
+
+# ---------------------------------------------------------------------------- access control
+
+
+def test_network_outside_allow_list_refused_before_upstream(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    with started_proxy(tmp_path, dovecot, "--allow", "127.0.0.1/32,::1/128") as proxy:
+        client = Client(proxy, "127.0.0.2")
+        reply = client.line()
+        assert reply.startswith(b"-ERR [SYS/PERM] ")
+        assert b"995" in reply
+        assert client.closed()
+        client.close()
+        closed = session_closed(proxy, client)
+        assert closed["reason"] == "refused_acl"
+        session_id = str(closed["session_id"])
+        assert verdicts(proxy, session_id) == [("deny", "acl")]
+        assert not [e for e in proxy.session_events(session_id)
+                    if str(e.get("event", "")).startswith("upstream.")]  # fmt: skip
+        fresh_session_works(proxy, box)
+
+
+def test_user_bound_to_a_network_is_refused_elsewhere_without_reaching_upstream(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    binding = f"{box.user}=127.0.0.3/32"
+    with started_proxy(tmp_path, dovecot, "--user-networks", binding) as proxy:
+        client = Client(proxy, "127.0.0.2")
+        assert client.line().startswith(b"+OK")
+        reply = client.command(f"USER {box.user}")
+        assert reply.startswith(b"-ERR [AUTH] ")
+        assert client.closed()
+        client.close()
+        closed = session_closed(proxy, client)
+        assert closed["reason"] == "login_refused_user_network"
+        session_id = str(closed["session_id"])
+        assert verdicts(proxy, session_id) == [("deny", "user_network")]
+        commands = [e for e in proxy.session_events(session_id) if e.get("event") == "pop3.command"]
+        assert [(e["verb"], e["status"]) for e in commands] == [("USER", "-ERR")]
+        assert closed["bytes_to_upstream"] == 0  # USER never left the proxy
+        fresh_session_works(proxy, box, "127.0.0.3")
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+def test_session_caps_answer_sys_temp_without_upstream(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    args = ("--max-sessions", "3", "--max-sessions-per-client", "2")
+    with started_proxy(tmp_path, dovecot, *args) as proxy:
+        held = [Client(proxy, "127.0.0.4"), Client(proxy, "127.0.0.4")]
+        for client in held:
+            assert client.line().startswith(b"+OK")
+        third = Client(proxy, "127.0.0.4")
+        assert third.line().startswith(b"-ERR [SYS/TEMP] ")
+        third.close()
+        assert session_closed(proxy, third)["reason"] == "refused_client_capacity"
+        other = Client(proxy, "127.0.0.5")
+        assert other.line().startswith(b"+OK")
+        full = Client(proxy, "127.0.0.6")
+        assert full.line().startswith(b"-ERR [SYS/TEMP] ")
+        full.close()
+        assert session_closed(proxy, full)["reason"] == "refused_capacity"
+        for client in [*held, other]:
+            client.close()
+            session_closed(proxy, client)
+        fresh_session_works(proxy, box, "127.0.0.4")
+
+
+def test_overlong_command_line_gets_err_and_close(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    with started_proxy(tmp_path, dovecot, "--max-auth-line", "4096") as proxy:
+        client = Client(proxy)
+        assert client.line().startswith(b"+OK")
+        # An AUTH line may be long (XOAUTH2): Dovecot answers it, the proxy lets it through.
+        reply = client.command("AUTH XOAUTH2 " + "A" * 3000)
+        assert reply.startswith(b"-ERR")
+        assert b"too long" not in reply
+        reply = client.command("USER " + "x" * 300)
+        assert reply == b"-ERR command line too long (limit 255 octets)\r\n"
+        assert client.closed()
+        client.close()
+        closed = session_closed(proxy, client)
+        assert closed["reason"] == "client_protocol_error"
+        errors = proxy.find_events(
+            "pop3.protocol_error", lambda e: e.get("session_id") == closed["session_id"]
+        )
+        assert [e["side"] for e in errors] == ["client"]
+        fresh_session_works(proxy, box)
+
+
+def test_pipelined_flood_is_answered_in_order_within_the_bound(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([b"Subject: x\r\n\r\nhello\r\n"])
+    count = 500
+    with started_proxy(tmp_path, dovecot, "--max-pipelined", "8") as proxy:
+        client = Client(proxy)
+        client.login(box)
+        client.sock.sendall(b"NOOP\r\n" * count + b"STAT\r\n")
+        replies = [client.line() for _ in range(count + 1)]
+        assert replies[:count] == [b"+OK\r\n"] * count
+        assert replies[count].startswith(b"+OK 1 ")
+        assert client.command("QUIT").startswith(b"+OK")
+        client.close()
+        assert session_closed(proxy, client)["commands"] == count + 4
+
+
+def test_failed_login_budget_per_session_then_per_client(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    args = ("--max-login-failures", "2", "--client-login-failures", "3",
+            "--login-failure-delay", "0")  # fmt: skip
+    with started_proxy(tmp_path, dovecot, *args) as proxy:
+        client = Client(proxy, "127.0.0.7")
+        assert client.line().startswith(b"+OK")
+        for _ in range(2):
+            assert client.command(f"USER {box.user}").startswith(b"+OK")
+            assert client.command("PASS wrong").startswith(b"-ERR")
+        assert client.command(f"USER {box.user}").startswith(b"-ERR [AUTH] ")
+        assert client.closed()
+        client.close()
+        assert session_closed(proxy, client)["reason"] == "login_refused_session_login_failures"
+
+        second = Client(proxy, "127.0.0.7")
+        assert second.line().startswith(b"+OK")
+        assert second.command(f"USER {box.user}").startswith(b"+OK")
+        assert second.command("PASS wrong").startswith(b"-ERR")  # the address's third
+        assert second.command(f"USER {box.user}").startswith(b"-ERR [SYS/TEMP] ")
+        second.close()
+        assert session_closed(proxy, second)["reason"] == "login_refused_client_login_failures"
+        fresh_session_works(proxy, box, "127.0.0.8")  # other addresses are not affected
+
+
+def test_repeated_failures_are_slowed_down(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    args = ("--login-failure-delay", "1", "--max-login-failures", "10")
+    with started_proxy(tmp_path, dovecot, *args) as proxy:
+        client = Client(proxy, "127.0.0.9")
+        assert client.line().startswith(b"+OK")
+        waited = []
+        for _ in range(3):
+            client.command(f"USER {box.user}")
+            started = time.monotonic()
+            assert client.command("PASS wrong").startswith(b"-ERR")
+            waited.append(time.monotonic() - started)
+        # The first two failures are free; the third reply is held back (about 1 s).
+        assert waited[2] >= 0.9
+        assert client.command("QUIT").startswith(b"+OK")
+        client.close()
+
+
+# ---------------------------------------------------------------------------- timers
+
+
+def test_idle_session_is_closed_and_logged(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    with started_proxy(tmp_path, dovecot, "--idle-timeout", "0.5") as proxy:
+        client = Client(proxy)
+        client.login(box)
+        assert client.closed()  # nothing sent: the proxy ends it
+        client.close()
+        closed = session_closed(proxy, client)
+        assert closed["reason"] == "idle_timeout"
+        assert proxy.find_events(
+            "session.idle_timeout", lambda e: e.get("session_id") == closed["session_id"]
+        )
+        fresh_session_works(proxy, box)
+
+
+def test_session_lifetime_limit_ends_a_busy_session(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    with started_proxy(tmp_path, dovecot, "--session-timeout", "1") as proxy:
+        client = Client(proxy)
+        client.login(box)
+        replies = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            reply = client.command("NOOP")
+            if not reply:
+                break
+            replies.append(reply)
+            time.sleep(0.1)
+        assert replies  # it was busy, not idle
+        assert time.monotonic() < deadline
+        client.close()
+        assert session_closed(proxy, client)["reason"] == "session_timeout"
+
+
+def test_silent_upstream_handshake_times_out_with_sys_temp(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never speaks TLS
+        proxy = ProxyProcess(
+            tmp_path / "proxy.log",
+            upstream_port=silent.getsockname()[1],
+            ca_file=None,
+            server_name="pop.test",
+            extra_args=["--handshake-timeout", "0.5"],
+        )
+        with proxy:
+            client = Client(proxy)
+            assert client.line().startswith(b"-ERR [SYS/TEMP] ")
+            client.close()
+            failed = proxy.wait_for_event("upstream.failed")
+            assert (failed["phase"], failed["reason"]) == ("handshake", "timeout")
+
+
+# ---------------------------------------------------------------------------- drain and reload
+
+
+def test_sigterm_drains_open_sessions_then_exits_0(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([b"Subject: x\r\n\r\nhello\r\n"])
+    with started_proxy(tmp_path, dovecot, "--drain-timeout", "20") as proxy:
+        client = Client(proxy)
+        client.login(box)
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait_for_event("drain.started")
+        with pytest.raises(ConnectionRefusedError):  # no longer accepting
+            Client(proxy).close()
+        assert client.command("STAT").startswith(b"+OK 1 ")  # the open session goes on
+        assert client.command("QUIT").startswith(b"+OK")
+        client.close()
+        assert proxy.wait_exit(timeout=TIMEOUT) == 0
+        assert session_closed(proxy, client)["reason"] == "quit"
+
+
+def test_drain_timeout_closes_lingering_sessions(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    with started_proxy(tmp_path, dovecot, "--drain-timeout", "0.5") as proxy:
+        client = Client(proxy)
+        client.login(box)
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait_exit(timeout=TIMEOUT) == 0
+        assert client.closed()
+        client.close()
+        assert session_closed(proxy, client)["reason"] == "shutdown"
+
+
+def test_second_signal_exits_at_once(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    with started_proxy(tmp_path, dovecot, "--drain-timeout", "60") as proxy:
+        client = Client(proxy)
+        client.login(box)
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait_for_event("drain.started")
+        proxy.send_signal(signal.SIGINT)
+        assert proxy.wait_exit(timeout=TIMEOUT) == 0
+        proxy.wait_for_event("drain.aborted")
+        client.close()
+
+
+def write_config(path: Path, allow: Sequence[str]) -> Path:
+    networks = ", ".join(f'"{n}"' for n in allow)
+    path.write_text(f"allow = [{networks}]\n")
+    return path
+
+
+def test_sighup_reloads_the_allow_list_for_new_sessions_only(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    config = write_config(tmp_path / "pop3proxy.toml", ["127.0.0.1/32", "127.0.0.2/32"])
+    with started_proxy(tmp_path, dovecot, config=config) as proxy:
+        kept = Client(proxy, "127.0.0.2")
+        kept.login(box)
+        write_config(config, ["127.0.0.1/32"])
+        proxy.send_signal(signal.SIGHUP)
+        proxy.wait_for_event("reload.done")
+        refused = Client(proxy, "127.0.0.2")
+        assert refused.line().startswith(b"-ERR [SYS/PERM] ")
+        refused.close()
+        assert kept.command("STAT").startswith(b"+OK")  # admitted before: not dropped
+        assert kept.command("QUIT").startswith(b"+OK")
+        kept.close()
+        # A broken file on reload keeps the settings in force.
+        config.write_text("allow = [\n")
+        proxy.send_signal(signal.SIGHUP)
+        proxy.wait_for_event("reload.failed")
+        fresh_session_works(proxy, box)
