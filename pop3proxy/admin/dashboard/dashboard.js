@@ -240,16 +240,21 @@
   }
 
   async function pollSummary() {
+    setTimeout(pollSummary, SUMMARY_INTERVAL_MS);
+    let summary = null;
+    let ready = null;
     try {
       const response = await fetch("api/summary", { cache: "no-store" });
-      if (response.ok) renderSummary(await response.json());
+      if (response.ok) summary = await response.json();
       // /readyz answers 503 with the same JSON when the upstream is down (cached briefly).
-      const ready = await fetch("readyz", { cache: "no-store" });
-      renderReady(await ready.json());
+      ready = await (await fetch("readyz", { cache: "no-store" })).json();
     } catch (err) {
-      renderReady(null);  // the proxy may be restarting; the feed badge says so too
+      // The proxy may be restarting; the feed badge says so too.
     }
-    setTimeout(pollSummary, SUMMARY_INTERVAL_MS);
+    // Outside the try: a bug in rendering must surface as an error, not pass for a network
+    // problem.
+    if (summary) renderSummary(summary);
+    renderReady(ready);
   }
 
   renderSessions();
