@@ -161,7 +161,8 @@ class Proxy:
         finally:
             if admitted and address is not None:
                 gatekeeper.session_ended(address)
-            await trio.aclose_forcefully(client)
+            # Log before the last await: when the session is being cancelled (drain deadline,
+            # shutdown), any checkpoint here re-raises Cancelled.
             log.info(
                 "session.closed",
                 reason=reason,
@@ -174,7 +175,7 @@ class Proxy:
                 tls_version=stats.tls_version,
                 duration_s=round(trio.current_time() - started, 3),
             )
-
+            await trio.aclose_forcefully(client)
 
 
 def _log_verdict(log: SessionTelemetry, verdict: Verdict, user: str | None) -> None:
