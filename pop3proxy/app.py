@@ -18,7 +18,7 @@ import trio
 
 from pop3proxy.admin.http import admin_service
 from pop3proxy.config import Settings
-from pop3proxy.migration.inventory import inventory_service
+from pop3proxy.migration.inventory import inventory_service, pseudonymizer_for
 from pop3proxy.policy import Policy
 from pop3proxy.relay import Proxy
 from pop3proxy.telemetry import Telemetry
@@ -65,7 +65,9 @@ async def run(settings: Settings, reload: Callable[[], Settings] | None = None) 
     """
     from pop3proxy.server import build_proxy, serve  # noqa: PLC0415 - keeps --help light
 
-    context = AppContext(settings=settings, telemetry=Telemetry())
+    pseudonymizer = pseudonymizer_for(settings)
+    telemetry = Telemetry(transform=pseudonymizer.event_fields if pseudonymizer else None)
+    context = AppContext(settings=settings, telemetry=telemetry)
     context.started_at = trio.current_time()
     proxy = build_proxy(settings, context.telemetry, policies(settings))
     async with trio.open_nursery() as services:

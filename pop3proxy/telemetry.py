@@ -19,7 +19,7 @@ import structlog
 
 from pop3proxy.logs import LEVELS, redact_secrets
 
-__all__ = ["SessionTelemetry", "Sink", "Telemetry", "log_sink"]
+__all__ = ["FieldTransform", "SessionTelemetry", "Sink", "Telemetry", "log_sink"]
 
 Sink = Callable[[str, str, Mapping[str, Any]], None]
 
@@ -31,11 +31,24 @@ def log_sink(event: str, level: str, fields: Mapping[str, Any]) -> None:
     _log.log(LEVELS[level], event, **fields)
 
 
-class Telemetry:
-    """The fan-out point. ``emit`` is called on the relay's hot path: keep sinks cheap."""
+#: Rewrites an event's fields for every consumer, e.g. user names to keyed pseudonyms.
+FieldTransform = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 
-    def __init__(self, sinks: list[Sink] | None = None) -> None:
+
+class Telemetry:
+    """The fan-out point. ``emit`` is called on the relay's hot path: keep sinks cheap.
+
+    Args:
+        sinks: consumers; default: the log only.
+        transform: applied to every event's fields after redaction and before any sink
+            (GDPR pseudonymisation of user names: ``user_pseudonym_key``).
+    """
+
+    def __init__(
+        self, sinks: list[Sink] | None = None, *, transform: FieldTransform | None = None
+    ) -> None:
         self.sinks: list[Sink] = [log_sink] if sinks is None else list(sinks)
+        self.transform = transform
         self.errors = 0
 
     def add_sink(self, sink: Sink) -> None:
@@ -45,7 +58,9 @@ class Telemetry:
         self.sinks.remove(sink)
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
-        scrubbed = redact_secrets(None, level, fields)
+        scrubbed: Mapping[str, Any] = redact_secrets(None, level, fields)
+        if self.transform is not None:
+            scrubbed = self.transform(event, scrubbed)
         for sink in self.sinks:
             try:
                 sink(event, level, scrubbed)
