@@ -256,6 +256,12 @@ def make_pop3proxy(workdir: Path, dovecot: Dovecot, name: str, log_level: str) -
             log_level,
             "--log-format",
             "json",
+            # The product as shipped: metrics (admin endpoint) and the inventory stay on,
+            # on ports and files of this run's own.
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(workdir / f"{name}-state"),
         ],
         port=port,
         log_path=workdir / f"{name}.log",

@@ -384,9 +384,7 @@ class _Relay:
                 return
             if isinstance(data, bytearray):  # SSLObject.read gives bytes; keep mypy honest
                 data = bytes(data)
-            more = read_buffered_plaintext(upstream, UPSTREAM_BATCH_LIMIT)
-            if more:
-                data += more
+            data = read_buffered_plaintext(upstream, data, UPSTREAM_BATCH_LIMIT)
             self.last_activity = trio.current_time()
             stats.bytes_from_upstream += len(data)
             try:

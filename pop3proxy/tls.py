@@ -190,8 +190,10 @@ def describe_peer(stream: trio.SSLStream[trio.SocketStream]) -> dict[str, str | 
     return info
 
 
-def read_buffered_plaintext(stream: trio.SSLStream[trio.SocketStream], limit: int) -> bytes:
-    """Decrypt TLS records that have already arrived, without any I/O; up to ``limit`` octets.
+def read_buffered_plaintext(
+    stream: trio.SSLStream[trio.SocketStream], first: bytes, limit: int
+) -> bytes:
+    """``first`` plus the TLS records that have already arrived, decrypted without any I/O.
 
     ``SSLStream.receive_some`` returns one TLS record per call, and POP3 servers send small
     records (Dovecot: about 4 KiB), so a plain pump would wake up and ``send`` once per
@@ -200,11 +202,12 @@ def read_buffered_plaintext(stream: trio.SSLStream[trio.SocketStream], limit: in
     ``SSLObject`` inside ``SSLStream`` (python-trio/trio#542 discusses exposing it), which
     is safe here: it runs between awaits in the one task that reads the stream, and any
     TLS output the read produces (a TLS 1.3 KeyUpdate) is flushed by the stream's next
-    operation. Errors are left for the next ``receive_some`` to raise properly.
+    operation. Errors are left for the next ``receive_some`` to raise properly. One join
+    copies the batch once, whatever the number of records.
     """
     ssl_object: ssl.SSLObject = stream._ssl_object  # private: see docstring
-    chunks: list[bytes] = []
-    total = 0
+    chunks = [first]
+    total = len(first)
     while total < limit:
         try:
             chunk = ssl_object.read(limit - total)
@@ -214,4 +217,4 @@ def read_buffered_plaintext(stream: trio.SSLStream[trio.SocketStream], limit: in
             break
         chunks.append(chunk)
         total += len(chunk)
-    return b"".join(chunks)
+    return first if len(chunks) == 1 else b"".join(chunks)

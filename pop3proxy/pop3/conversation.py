@@ -541,6 +541,11 @@ class Pop3Conversation:
         if found >= 0:  # the terminator began in an earlier read: what was held is part of it
             end = pos + found + len(_TERMINATOR) - len(tail)
             held = b""
+        elif len(self._pending) == 1:
+            # Nothing else is outstanding, and a POP3 server speaks only when spoken to
+            # (RFC 1939 section 3): the terminator can only end the read. Checking the end
+            # instead of scanning every octet is most of the relay's CPU per GiB.
+            end = len(data) if data.endswith(_TERMINATOR) and len(data) - pos >= 5 else -1
         else:
             found = data.find(_TERMINATOR, pos)
             end = found + len(_TERMINATOR) if found >= 0 else -1
