@@ -361,12 +361,8 @@ def test_the_default_port_taken_is_only_a_warning(dovecot: Dovecot, tmp_path: Pa
             blocker.listen()
         except OSError:
             pass  # taken already (another proxy of this test run): just as good
-        proxy = ProxyProcess(
-            tmp_path / "default.log",
-            upstream_port=dovecot.port,
-            ca_file=dovecot.ca_pem_path,
-            server_name=dovecot.server_name,
-        )
+        # The default address (ProxyProcess itself passes --admin off; later flags win).
+        proxy = start_admin_proxy(dovecot, tmp_path / "default.log", admin="127.0.0.1:9110")
         with proxy:
             warning = proxy.wait_for_event("admin.unavailable")
             assert warning["level"] == "warning"

@@ -9,7 +9,7 @@ import base64
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -37,20 +37,20 @@ def events_url(admin: AdminProxy) -> str:
 
 
 class Watcher:
-    """A WebSocket client of ``/events`` that reads everything until ``done(messages)``."""
+    """A WebSocket client of ``/events`` that reads everything until :meth:`stop`."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.messages: list[Message] = []
         self.raw: list[str] = []
-        self.done: Callable[[list[Message]], bool] = lambda messages: False
+        self._reading = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with open_websocket_url(self.url, connect_timeout=5, disconnect_timeout=2) as ws:
             self.messages.append(json.loads(await ws.get_message()))  # the snapshot
             task_status.started()
-            with trio.fail_after(TIMEOUT):
-                while not self.done(self.messages):
+            with self._reading, trio.move_on_after(3 * TIMEOUT):
+                while True:
                     text = await ws.get_message()
                     assert isinstance(text, str)
                     self.raw.append(text)
@@ -58,6 +58,27 @@ class Watcher:
                     self.messages.extend(json.loads(line) for line in text.split("\n"))
         # Leaving the block closes from the client side (trio-websocket leaks the socket
         # when the server closes first).
+
+    def stop(self) -> None:
+        self._reading.cancel()
+
+    def closed(self, session_id: str) -> bool:
+        return any(
+            m.get("event") == "session.closed" and m.get("session_id") == session_id
+            for m in self.messages
+        )
+
+    async def wait_closed(self, session_id: str) -> None:
+        """Wait until the watcher has seen ``session.closed`` of ``session_id``, then stop it."""
+        with trio.move_on_after(TIMEOUT):
+            while not self.closed(session_id):  # noqa: ASYNC110 - polls another task's list
+                await trio.sleep(0.05)
+        self.stop()
+        dropped = [m for m in self.messages if m["event"] == "feed.dropped"]
+        assert self.closed(session_id), (
+            f"the watcher got {len(self.messages)} messages but not the end of {session_id}; "
+            f"dropped for it: {dropped}"
+        )
 
     def of_session(self, session_id: str) -> list[Message]:
         return [m for m in self.messages if m.get("session_id") == session_id]
@@ -150,10 +171,6 @@ async def test_a_stuck_watcher_slows_neither_the_relay_nor_the_other_watcher(
     box = mailbox([big])
     before = await trio.to_thread.run_sync(admin.scrape)
     good = Watcher(events_url(admin))
-    target: list[str] = []
-    good.done = lambda messages: any(
-        m.get("event") == "session.closed" and m.get("session_id") in target for m in messages
-    )
     async with trio.open_nursery() as nursery:
         await nursery.start(good.run)
         stuck = await stuck_watcher(admin)
@@ -161,12 +178,9 @@ async def test_a_stuck_watcher_slows_neither_the_relay_nor_the_other_watcher(
             during = await trio.to_thread.run_sync(admin.scrape)
             assert value(during, "pop3proxy_feed_watchers") == 2
             session_id, body, seconds = await trio.to_thread.run_sync(busy_session, admin, box)
-            target.append(session_id)
-            # The good watcher finishes (it saw session.closed) while the stuck one is still
-            # connected and still reads nothing.
-            with trio.fail_after(TIMEOUT):
-                while not good.done(good.messages):  # noqa: ASYNC110 - polls another task's list
-                    await trio.sleep(0.05)
+            # The good watcher sees the whole session while the stuck one is still connected
+            # and still reads nothing.
+            await good.wait_closed(session_id)
             after = await trio.to_thread.run_sync(admin.scrape)
 
     assert body.replace(b"\r\n", b"\n") == big.replace(b"\r\n", b"\n")
@@ -204,10 +218,6 @@ async def test_no_credential_of_a_sasl_login_reaches_the_feed(
     box = mailbox([])
     token = base64.b64encode(f"\0{box.user}\0{box.password}".encode()).decode()
     good = Watcher(events_url(admin))
-    target: list[str] = []
-    good.done = lambda messages: any(
-        m.get("event") == "session.closed" and m.get("session_id") in target for m in messages
-    )
 
     def sasl_session() -> str:
         pop = Pop3Line(admin.proxy.port)
@@ -221,9 +231,10 @@ async def test_no_credential_of_a_sasl_login_reaches_the_feed(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(good.run)
-        target.append(await trio.to_thread.run_sync(sasl_session))
+        session_id = await trio.to_thread.run_sync(sasl_session)
+        await good.wait_closed(session_id)
 
-    logins = [m for m in good.of_session(target[0]) if m["event"] == "pop3.login"]
+    logins = [m for m in good.of_session(session_id) if m["event"] == "pop3.login"]
     assert [(m["user"], m["mechanism"], m["result"]) for m in logins] == [
         (box.user, "PLAIN", "success")
     ]
