@@ -325,6 +325,31 @@ def test_readyz_follows_the_upstream_down_and_back(
     pop.quit()
 
 
+def test_client_networks_are_the_configured_ones(dovecot: Dovecot, tmp_path: Path) -> None:
+    """With ``--allow 10.0.0.0/8,fd00::/8`` loopback clients are refused: counted under
+    ``other`` and as refused by the access control; no label carries an address."""
+    proxy = start_admin_proxy(dovecot, tmp_path / "acl.log", "--allow", "10.0.0.0/8,fd00::/8")
+    with proxy:
+        admin = AdminProxy(proxy)
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+                assert sock.recv(512).startswith(b"-ERR")
+        wait_until(
+            lambda: len(proxy.find_events("session.closed")) == 2, "both sessions to close"
+        )
+        samples = admin.scrape()
+        text = admin.request("/metrics").body.decode()
+    networks = {
+        dict(labels)["network"]: count
+        for (name, labels), count in samples.items()
+        if name == "pop3proxy_plaintext_sessions_total"
+    }
+    assert networks == {"10.0.0.0/8": 0, "fd00::/8": 0, "other": 2}
+    assert value(samples, "pop3proxy_sessions_refused_total", reason="acl") == 2
+    assert value(samples, "pop3proxy_sessions_closed_total", reason="refused_acl") == 2
+    assert "127.0.0.1" not in text
+
+
 # -- switching it off, and a taken port ----------------------------------------------------------
 
 

@@ -207,9 +207,9 @@ class Feed:
         elif event == "pop3.command":
             session["commands"] += 1
             session["last_command"] = fields.get("verb")
-        elif event in {"session.closed", "session.refused"}:
+        elif event == "session.closed":
             del self.sessions[session_id]
-            session["state"] = "closed" if event == "session.closed" else "refused"
+            session["state"] = "closed"
             session["reason"] = fields.get("reason")
             session["closed_at"] = _iso(now)
             for key in ("duration_s", "bytes_from_client", "bytes_to_client"):

@@ -177,7 +177,7 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.sessions_refused = Counter(
-            "sessions_refused", "POP3 connections refused (access control, capacity...)",
+            "sessions_refused", "POP3 sessions refused before relaying (acl, capacity...)",
             ["reason"], namespace=ns, registry=r,
         )  # fmt: skip
         self.plaintext_sessions = Counter(
@@ -233,7 +233,6 @@ class Metrics:
         self._not_after: float | None = None
         self._not_after_text: str | None = None
         self._close_reasons = ReasonLabel()
-        self._refuse_reasons = ReasonLabel()
         self._failure_phases = ReasonLabel(limit=8)
         self._failure_reasons = ReasonLabel()
         self._allow: object = None
@@ -243,7 +242,6 @@ class Metrics:
         self._handlers: Mapping[str, Callable[[Mapping[str, Any]], None]] = {
             "session.opened": self._on_opened,
             "session.closed": self._on_closed,
-            "session.refused": self._on_refused,
             "upstream.tls_established": self._on_tls,
             "upstream.failed": self._on_upstream_failed,
             "pop3.login": self._on_login,
@@ -281,7 +279,10 @@ class Metrics:
 
     def _on_closed(self, fields: Mapping[str, Any]) -> None:
         self._open.discard(str(fields.get("session_id")))
-        self.sessions_closed.labels(self._close_reasons(fields.get("reason"))).inc()
+        reason = self._close_reasons(fields.get("reason"))
+        self.sessions_closed.labels(reason).inc()
+        if reason.startswith("refused_"):  # turned away before relaying (acl, capacity...)
+            self.sessions_refused.labels(reason.removeprefix("refused_")).inc()
         duration = fields.get("duration_s")
         if isinstance(duration, int | float):
             self.session_duration.observe(duration)
@@ -289,9 +290,6 @@ class Metrics:
             octets = fields.get(f"bytes_{direction}")
             if isinstance(octets, int) and octets > 0:
                 self.bytes.labels(direction).inc(octets)
-
-    def _on_refused(self, fields: Mapping[str, Any]) -> None:
-        self.sessions_refused.labels(self._refuse_reasons(fields.get("reason"))).inc()
 
     def _on_tls(self, fields: Mapping[str, Any]) -> None:
         self.observe_certificate(fields.get("peer_not_after"))

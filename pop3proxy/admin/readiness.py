@@ -102,7 +102,7 @@ class Readiness:
         if not self.ctx.listeners:
             now = trio.current_time()
             return ReadinessResult(False, "starting", now, error="not listening yet")
-        if getattr(self.ctx, "draining", False):
+        if self.ctx.draining:
             return ReadinessResult(False, "draining", trio.current_time(), error="shutting down")
         async with self._lock:
             settings = self.ctx.settings

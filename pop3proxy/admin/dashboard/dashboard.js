@@ -104,9 +104,9 @@
             s.user = event.user; s.state = "authenticated";
           } else if (event.event === "pop3.command") {
             s.commands += 1; s.last_command = event.verb;
-          } else if (event.event === "session.closed" || event.event === "session.refused") {
+          } else if (event.event === "session.closed") {
             open.delete(id);
-            s.state = event.event === "session.closed" ? "closed" : "refused";
+            s.state = "closed";
             s.reason = event.reason;
             remember(s);
           }
