@@ -46,6 +46,7 @@ from pop3proxy.pop3 import (
     RemoteProtocolError,
     SaslEnded,
     SaslStarted,
+    State,
     UnsolicitedResponse,
     UserNamed,
 )
@@ -61,6 +62,7 @@ UPSTREAM_BATCH_LIMIT = 256 * 1024
 #: How long a last line to a departing client (a refusal) may take to send.
 CLOSE_TIMEOUT = 2.0
 REFUSE_UNKNOWN = b"-ERR [SYS/PERM] cannot tell where you connect from\r\n"
+NO_GREETING = b"-ERR [SYS/TEMP] the mail server closed the connection before greeting\r\n"
 
 _Stream = trio.SocketStream
 _TLSStream = trio.SSLStream[trio.SocketStream]
@@ -377,10 +379,10 @@ class _Relay:
             except trio.BrokenResourceError:
                 # No TLS close_notify. Harmless after +OK to QUIT (many servers just close);
                 # anywhere else the reply was cut short.
-                self._upstream_closed(tls_close_notify=False)
+                await self._upstream_closed(tls_close_notify=False)
                 return
             if not data:
-                self._upstream_closed(tls_close_notify=True)
+                await self._upstream_closed(tls_close_notify=True)
                 return
             if isinstance(data, bytearray):  # SSLObject.read gives bytes; keep mypy honest
                 data = bytes(data)
@@ -418,17 +420,32 @@ class _Relay:
             if self.end_after_flush is not None:
                 self._finish(self.end_after_flush)
 
-    def _upstream_closed(self, *, tls_close_notify: bool) -> None:
-        events = self.conversation.server_closed()
-        if all(e.clean for e in events if isinstance(e, ConnectionClosed)):
+    async def _upstream_closed(self, *, tls_close_notify: bool) -> None:
+        """The upstream ended the TLS stream: a normal end, or a cut to report.
+
+        Normal: after ``+OK`` to QUIT (many servers skip close_notify then), or with
+        close_notify and no reply outstanding (e.g. an autologout). Anything else, above
+        all a bare TCP FIN without close_notify, may be a truncation by someone on the path
+        (RFC 8446 section 6.1) and is logged as a warning. A client that has not even had
+        a greeting is told why it is being dropped.
+        """
+        conversation = self.conversation
+        greeted = conversation.state is not State.GREETING
+        events = conversation.server_closed()
+        clean = all(e.clean for e in events if isinstance(e, ConnectionClosed))
+        if conversation.quit_acknowledged or (clean and tls_close_notify and greeted):
             self._finish("upstream_closed")
             return
         self.log.warning(
             "upstream.truncated",
-            state=self.conversation.state.value,
-            pending=self.conversation.pending,
+            state="greeting" if not greeted else conversation.state.value,
+            pending=conversation.pending,
             tls_close_notify=tls_close_notify,
+            bytes_from_upstream=self.stats.bytes_from_upstream,
         )
+        if not greeted:
+            async with self.client_send_lock:
+                self.stats.bytes_to_client += await _send_quietly(self.client, NO_GREETING)
         self._finish("upstream_truncated")
 
     async def _protocol_error(self, exc: RemoteProtocolError) -> None:

@@ -185,7 +185,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
 
 
 def fake_module(
-    monkeypatch: pytest.MonkeyPatch, name: str, attr: str, fn: Callable[[Settings], Awaitable[None]]
+    monkeypatch: pytest.MonkeyPatch, name: str, attr: str, fn: Callable[..., Awaitable[None]]
 ) -> None:
     module = types.ModuleType(name)
     setattr(module, attr, fn)
@@ -195,9 +195,11 @@ def fake_module(
 def test_serve_configures_logging_then_runs_server(
     monkeypatch: pytest.MonkeyPatch, calls: Calls
 ) -> None:
-    async def serve(settings: Settings) -> None:
+    async def serve(settings: Settings, reload: object = None) -> None:
         await trio.lowlevel.checkpoint()
         calls.append(("serve", settings))
+        assert callable(reload)  # SIGHUP re-reads the same command line
+        calls.append(("reload", reload()))
 
     fake_module(monkeypatch, "pop3proxy.app", "run", serve)
     status = main(
@@ -209,6 +211,7 @@ def test_serve_configures_logging_then_runs_server(
     settings = calls[1][1]
     assert isinstance(settings, Settings)
     assert settings.upstream == Endpoint("::1", 2995)
+    assert calls[2] == ("reload", settings)
 
 
 @pytest.mark.parametrize("in_group", [False, True])
@@ -222,7 +225,7 @@ def test_ctrl_c_exits_0_quietly(
         await trio.lowlevel.checkpoint()
         raise KeyboardInterrupt
 
-    async def serve(settings: Settings) -> None:
+    async def serve(settings: Settings, reload: object = None) -> None:
         if in_group:  # as it arrives from inside a nursery
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(interrupted)
@@ -237,7 +240,7 @@ def test_ctrl_c_exits_0_quietly(
 def test_listen_address_in_use_exits_1_with_one_line(
     monkeypatch: pytest.MonkeyPatch, calls: Calls, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async def serve(settings: Settings) -> None:
+    async def serve(settings: Settings, reload: object = None) -> None:
         await trio.lowlevel.checkpoint()
         raise OSError(errno.EADDRINUSE, "address already in use")
 
@@ -249,7 +252,7 @@ def test_listen_address_in_use_exits_1_with_one_line(
 
 
 def test_other_errors_propagate(monkeypatch: pytest.MonkeyPatch, calls: Calls) -> None:
-    async def serve(settings: Settings) -> None:
+    async def serve(settings: Settings, reload: object = None) -> None:
         await trio.lowlevel.checkpoint()
         raise RuntimeError("bug")
 
