@@ -10,11 +10,10 @@ which are already redacted: the metrics and the feed never see more than the log
   bounded label sets;
 - :mod:`.readiness`: the cached upstream probe behind ``/readyz``;
 - :mod:`.feed`: WebSocket fan-out with a bounded queue per watcher that drops, never blocks;
-- :mod:`.http`: the listener, routing and limits; :func:`admin_service` is the app service.
+- :mod:`.http`: the listener, routing and limits; ``http.admin_service`` is the app service;
+- :mod:`.healthcheck`: the ``pop3proxy healthcheck`` client (standard library only).
+
+Nothing is imported here, so ``pop3proxy healthcheck`` stays light.
 """
 
 from __future__ import annotations
-
-from pop3proxy.admin.http import admin_service
-
-__all__ = ["admin_service"]
