@@ -417,8 +417,8 @@ class _Relay:
                 return
             self.stats.bytes_to_client += len(outgoing)
             self.last_activity = trio.current_time()
-            if self.end_after_flush is not None:
-                self._finish(self.end_after_flush)
+            if self.end_after_flush is not None and not self.conversation.owes_client:
+                self._finish(self.end_after_flush)  # the refusal itself has gone out
 
     async def _upstream_closed(self, *, tls_close_notify: bool) -> None:
         """The upstream ended the TLS stream: a normal end, or a cut to report.
@@ -430,6 +430,7 @@ class _Relay:
         a greeting is told why it is being dropped.
         """
         conversation = self.conversation
+        await self._flush_to_client()  # whatever the upstream said last reaches the client
         greeted = conversation.state is not State.GREETING
         events = conversation.server_closed()
         clean = all(e.clean for e in events if isinstance(e, ConnectionClosed))

@@ -370,6 +370,11 @@ class Pop3Conversation:
         self._to_server.clear()
         return data
 
+    @property
+    def owes_client(self) -> bool:
+        """Octets for the client are queued (not yet taken with :meth:`take_client_bytes`)."""
+        return bool(self._to_client)
+
     def take_client_bytes(self) -> bytes:
         """Octets to send to the client, in order; empties the queue."""
         out = self._to_client
