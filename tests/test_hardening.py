@@ -40,6 +40,17 @@ def started_proxy(
         proxy.stop()
 
 
+_OPEN: list[Client] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close every client a test opened, also when an assertion ended it early."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 class Client:
     """A raw POP3 client bound to a chosen loopback source address."""
 
@@ -49,6 +60,7 @@ class Client:
         )
         self.file = self.sock.makefile("rb")
         self.local_port: int = self.sock.getsockname()[1]
+        _OPEN.append(self)
 
     def line(self) -> bytes:
         return self.file.readline()
