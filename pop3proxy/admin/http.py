@@ -16,7 +16,8 @@ Routes (``GET`` and ``HEAD`` only, else 405; unknown paths 404):
 - ``/``, ``/dashboard.css``, ``/dashboard.js``: the dashboard, shipped in the package.
 
 A WebSocket upgrade that carries an ``Origin`` (a browser) must come from a page of this very
-endpoint: another web site open in a browser on the same machine must not read the feed.
+endpoint, reached by IP address, ``localhost`` or the ``--admin`` host name: another web site
+open in a browser on the same machine must not read the feed, not even by DNS rebinding.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import errno
 import http
 import importlib.resources
+import ipaddress
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -307,14 +309,42 @@ class AdminServer:
             return _text(400, "incomplete WebSocket upgrade")
         if request.headers.get("sec-websocket-version", "").strip() != "13":
             return _text(426, "WebSocket version 13 only", [("Sec-WebSocket-Version", "13")])
-        origin = request.headers.get("origin")
-        if origin is not None:
-            host = request.headers.get("host", "").lower()
-            if origin.lower().partition("://")[2].rstrip("/") != host:
-                return _text(403, "cross-origin WebSocket refused")
+        problem = self._origin_problem(request)
+        if problem is not None:
+            return _text(403, problem)
         if self.feed.full:
             return _text(503, "too many watchers")
         return None
+
+    def _origin_problem(self, request: Request) -> str | None:
+        origin = request.headers.get("origin")
+        if origin is None:  # not a browser
+            return None
+        host = request.headers.get("host", "").lower()
+        if origin.lower().partition("://")[2].rstrip("/") != host:
+            return "cross-origin WebSocket refused"
+        if not self._trusted_host_name(host):
+            return "open the dashboard by IP address, localhost or the --admin host name"
+        return None
+
+    def _trusted_host_name(self, host: str) -> bool:
+        """Whether a browser's ``Host`` may be trusted with the feed.
+
+        A page of another site can make its own name resolve to 127.0.0.1 (DNS rebinding),
+        and then it is "same-origin" with this endpoint. Its name is not an IP address, not
+        ``localhost`` and not the configured admin host, though.
+        """
+        name = host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
+        name = name.removeprefix("[").removesuffix("]")
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            pass
+        else:
+            return True
+        admin = getattr(self.ctx.settings, "admin", None)
+        configured = admin.host.lower() if admin is not None else None
+        return name in {"localhost", configured} or name.endswith(".localhost")
 
     async def _websocket(self, stream: trio.SocketStream, request: Request, raw: bytes) -> None:
         problem = self._upgrade_problem(request)
