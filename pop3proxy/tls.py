@@ -26,6 +26,9 @@ __all__ = [
     "read_buffered_plaintext",
 ]
 
+#: Largest plaintext of one TLS record (RFC 8446 section 5.1).
+_TLS_RECORD_PLAINTEXT = 16384
+
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 #: OpenSSL X509_V_ERR_* codes (x509_vfy.h) grouped into the reasons pop3proxy reports.
@@ -210,7 +213,9 @@ def read_buffered_plaintext(
     total = len(first)
     while total < limit:
         try:
-            chunk = ssl_object.read(limit - total)
+            # At most one record's worth: SSLObject.read(n) allocates n octets up front, and
+            # a large n means an mmap/munmap per record.
+            chunk = ssl_object.read(min(_TLS_RECORD_PLAINTEXT, limit - total))
         except ssl.SSLError:  # SSLWantReadError: nothing buffered; anything else: later
             break
         if not chunk:
