@@ -68,7 +68,7 @@ RETR_TIMEOUT = 300.0
 PHASE_TIMEOUT = 120.0
 MAX_LINE = 64 * 1024
 
-RELAY_NAMES = ("stunnel", "pop3proxy", "pop3proxy-info")
+RELAY_NAMES = ("stunnel", "pop3proxy", "pop3proxy-info", "trio-bare")
 BASELINE = "stunnel"
 
 
@@ -232,6 +232,15 @@ sslVersionMin = TLSv1.2
         port=port,
         log_path=workdir / "stunnel.console",
     )
+
+
+def make_bare_trio(workdir: Path, dovecot: Dovecot) -> Relay:
+    """The same trio.SSLStream data path with no POP3 parsing: the floor of a trio relay."""
+    port = free_port()
+    script = Path(__file__).with_name("bare_trio_relay.py")
+    argv = [sys.executable, str(script), str(port), str(dovecot.port)]
+    argv += [str(dovecot.ca_pem_path), SERVER_NAME]
+    return Relay(name="trio-bare", argv=argv, port=port, log_path=workdir / "trio-bare.log")
 
 
 def make_pop3proxy(workdir: Path, dovecot: Dovecot, name: str, log_level: str) -> Relay:
@@ -581,6 +590,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             for name in names:
                 if name == "stunnel":
                     relays.append(make_stunnel(workdir, dovecot))
+                elif name == "trio-bare":
+                    relays.append(make_bare_trio(workdir, dovecot))
                 else:
                     level = "info" if name.endswith("-info") else "warning"
                     relays.append(make_pop3proxy(workdir, dovecot, name, level))
