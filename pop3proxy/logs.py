@@ -32,6 +32,9 @@ LEVELS = {
 }
 
 _REDACTED = "***"
+
+#: The configured level: events below it are dropped before anything is built for them.
+threshold = LEVELS["debug"]
 _SECRET_KEYS = frozenset(
     {"password", "pass", "passwd", "secret", "sasl", "auth_data", "authorization", "apop_digest"}
 )
@@ -69,6 +72,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = s
         fmt: ``json``; ``console`` for people; ``auto`` picks console on a terminal.
         stream: where lines go; stdout in production (containers collect it).
     """
+    global threshold  # noqa: PLW0603 - one process, one logging configuration
+    threshold = LEVELS[level]
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from pop3proxy import logs
 from pop3proxy.logs import LEVELS, redact_secrets
 
 __all__ = ["FieldTransform", "SessionTelemetry", "Sink", "Telemetry", "log_sink"]
@@ -28,7 +29,9 @@ _log = structlog.get_logger("pop3proxy")
 
 def log_sink(event: str, level: str, fields: Mapping[str, Any]) -> None:
     """Write the event as a structlog line (JSON on stdout in production)."""
-    _log.log(LEVELS[level], event, **fields)
+    number = LEVELS[level]
+    if number >= logs.threshold:  # cheaper than structlog's own check, which packs kwargs
+        _log.log(number, event, **fields)
 
 
 #: Rewrites an event's fields for every consumer, e.g. user names to keyed pseudonyms.
