@@ -146,9 +146,7 @@ def memory_proxy(dovecot: Dovecot, tmp_path: Path) -> Iterator[ProxyProcess]:
 
 
 def proxy_pid(proxy: ProxyProcess) -> int:
-    proc = proxy._proc
-    assert proc is not None, "the proxy is not running"
-    return proc.pid
+    return proxy.pid
 
 
 def test_slow_reader_of_50_mib_keeps_proxy_memory_bounded(

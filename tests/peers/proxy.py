@@ -179,6 +179,13 @@ class ProxyProcess:
         return None if self._proc is None else self._proc.poll()
 
     @property
+    def pid(self) -> int:
+        """The proxy process id (for /proc sampling)."""
+        if self._proc is None:
+            raise ProxyError("the proxy has not started")
+        return self._proc.pid
+
+    @property
     def port(self) -> int:
         if self._port is None:
             raise ProxyError("the proxy has not started")
