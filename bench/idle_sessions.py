@@ -186,29 +186,26 @@ class MultiplexingDovecot(Dovecot):
         return super()._config() + extra
 
 
+def bench_proxy(workdir: Path, dovecot: Dovecot, *, sessions: int, log_level: str) -> QuietProxy:
+    """The proxy under measurement: session caps above the load, no admin endpoint."""
+    caps = str(2 * sessions + 100)
+    return QuietProxy(
+        workdir / "proxy.log",
+        upstream_port=dovecot.port,
+        ca_file=dovecot.ca_pem_path,
+        server_name=dovecot.server_name,
+        extra_args=["--admin", "off", "--log-level", log_level,
+                    "--max-sessions", caps, "--max-sessions-per-client", caps],
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def peers(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Dovecot, ProxyProcess]]:
     ca = trustme.CA()
     dovecot = MultiplexingDovecot(
         workdir, ca, sessions=args.sessions, per_process=args.clients_per_process
     )
-    caps = str(2 * args.sessions + 100)
-    proxy = QuietProxy(
-        workdir / "proxy.log",
-        upstream_port=dovecot.port,
-        ca_file=dovecot.ca_pem_path,
-        server_name=dovecot.server_name,
-        extra_args=[
-            "--admin",
-            "off",
-            "--log-level",
-            args.log_level,
-            "--max-sessions",
-            caps,
-            "--max-sessions-per-client",
-            caps,
-        ],
-    )
+    proxy = bench_proxy(workdir, dovecot, sessions=args.sessions, log_level=args.log_level)
     dovecot.start()
     try:
         for n in range(USERS):

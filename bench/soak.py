@@ -44,6 +44,7 @@ from idle_sessions import (  # noqa: E402
     BenchError,
     LineStream,
     QuietProxy,
+    bench_proxy,
     fd_count,
     proxy_pid,
     raise_fd_limit,
@@ -87,23 +88,7 @@ class Result:
 def peers(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Dovecot, QuietProxy]]:
     ca = trustme.CA()
     dovecot = Dovecot(workdir, ca, process_limit=args.sessions + 100)
-    caps = str(2 * args.sessions + 10)
-    proxy = QuietProxy(
-        workdir / "proxy.log",
-        upstream_port=dovecot.port,
-        ca_file=dovecot.ca_pem_path,
-        server_name=dovecot.server_name,
-        extra_args=[
-            "--admin",
-            "off",
-            "--log-level",
-            args.log_level,
-            "--max-sessions",
-            caps,
-            "--max-sessions-per-client",
-            caps,
-        ],
-    )
+    proxy = bench_proxy(workdir, dovecot, sessions=args.sessions, log_level=args.log_level)
     dovecot.start()
     try:
         for n in range(args.sessions):
