@@ -75,9 +75,12 @@ class Client:
         assert self.command(f"PASS {box.password}").startswith(b"+OK")
 
     def closed(self) -> bool:
-        """The proxy closed the connection (EOF or reset)."""
+        """The proxy closed the connection (EOF or reset) without sending anything more.
+
+        A proxy that keeps the connection open makes this raise a timeout.
+        """
         try:
-            return self.file.read() == b"" or True
+            return self.file.read() == b""
         except ConnectionResetError:
             return True
 
