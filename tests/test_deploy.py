@@ -501,7 +501,9 @@ def test_image_stop_signal_drains(image: Image, upstream: Dovecot, tmp_path: Pat
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("path", [K8S_SIDECAR, K8S_STANDALONE], ids=lambda p: p.name)
 def test_kubernetes_manifests_match_the_schemas(path: Path, version: str) -> None:
-    for manifest in load_manifests(path):
+    manifests = load_manifests(path)
+    assert manifests, f"{path.name} holds no Kubernetes objects"
+    for manifest in manifests:
         try:
             kubernetes_validate.validate(manifest, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
