@@ -142,10 +142,12 @@ def _run_trio(main: Callable[[Settings], Awaitable[None]], settings: Settings) -
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             return EXIT_OK
         if all(isinstance(leaf, OSError) and leaf.errno in _BIND_ERRNOS for leaf in leaves):
-            print(
-                _one_line(f"{PROG}: cannot listen on {settings.listen}: {leaves[0]}"),
-                file=sys.stderr,
-            )
+            first = leaves[0]
+            assert isinstance(first, OSError)
+            # The admin endpoint names its own address in the error; the POP3 listener does not.
+            names_itself = str(first.strerror or "").startswith("admin endpoint")
+            where = "" if names_itself else f" on {settings.listen}"
+            print(_one_line(f"{PROG}: cannot listen{where}: {first}"), file=sys.stderr)
             return EXIT_START_FAILED
         raise
     return EXIT_OK

@@ -374,6 +374,7 @@ def test_admin_off_and_taken_ports(dovecot: Dovecot, tmp_path: Path) -> None:
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1, result.stderr
     assert f"admin endpoint 127.0.0.1:{port}" in errors[0]
+    assert errors[0].startswith("pop3proxy: cannot listen: ")  # not the POP3 address
 
 
 def test_the_default_port_taken_is_only_a_warning(dovecot: Dovecot, tmp_path: Path) -> None:
