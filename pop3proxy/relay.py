@@ -59,6 +59,10 @@ __all__ = ["CLIENT_RECEIVE_SIZE", "UPSTREAM_BATCH_LIMIT", "Proxy", "format_addre
 CLIENT_RECEIVE_SIZE = 16 * 1024
 #: Most plaintext gathered from already-received TLS records before one send to the client.
 UPSTREAM_BATCH_LIMIT = 256 * 1024
+#: While a message body streams in small reads, wait this long before the next read so that
+#: one wake-up relays a larger batch (the body is still forwarded as it arrives).
+BODY_COALESCE_SECONDS = 0.001
+BODY_COALESCE_OCTETS = 64 * 1024
 #: How long a last line to a departing client (a refusal) may take to send.
 CLOSE_TIMEOUT = 2.0
 REFUSE_UNKNOWN = b"-ERR [SYS/PERM] cannot tell where you connect from\r\n"
@@ -424,6 +428,10 @@ class _Relay:
             if self.client_eof_at is not None and not conversation.pending:
                 self._finish("client_closed")
                 return
+            if conversation.in_body and len(data) < BODY_COALESCE_OCTETS:
+                # Mid-body, the server streams faster than one read each wake-up can take:
+                # let the socket gather a larger batch instead of waking per record.
+                await trio.sleep(BODY_COALESCE_SECONDS)
 
     async def _flush_to_client(self) -> None:
         """Send what the conversation owes the client; one writer at a time keeps the order."""

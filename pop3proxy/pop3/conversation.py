@@ -276,6 +276,11 @@ class Pop3Conversation:
         return len(self._pending)
 
     @property
+    def in_body(self) -> bool:
+        """A multi-line reply body is being relayed (RETR, TOP, LIST...)."""
+        return self._body is not None
+
+    @property
     def client_backlog(self) -> bool:
         """Complete client lines are buffered, unprocessed: call ``receive_client(b"")``
         (once :attr:`client_paused` is false) before reading more from the client."""

@@ -88,3 +88,16 @@ def test_pipelining_bound_holds_lines_until_replies_arrive() -> None:
     events = conversation.receive_client(b"")
     assert [e.verb for e in events if isinstance(e, Command)] == ["STAT"]
     assert not conversation.client_paused
+
+
+def test_in_body_while_a_multiline_reply_streams() -> None:
+    conversation = greeted()
+    conversation.receive_client(b"RETR 1\r\n")
+    assert not conversation.in_body
+    conversation.receive_server(b"+OK 12 octets\r\nSubject: x\r\n")
+    assert conversation.in_body
+    conversation.receive_server(b"\r\nhi\r\n.\r\n")
+    assert not conversation.in_body
+    conversation.receive_client(b"RETR 9\r\n")
+    conversation.receive_server(b"-ERR no such message\r\n")
+    assert not conversation.in_body
