@@ -209,9 +209,11 @@ def read_buffered_plaintext(
     copies the batch once, whatever the number of records.
     """
     ssl_object: ssl.SSLObject = stream._ssl_object  # private: see docstring
+    incoming: ssl.MemoryBIO = stream._incoming  # private: the received, undecrypted octets
     chunks = [first]
     total = len(first)
-    while total < limit:
+    # Nothing received beyond what was decrypted (every short reply): skip the attempt.
+    while total < limit and (incoming.pending or ssl_object.pending()):
         try:
             # At most one record's worth: SSLObject.read(n) allocates n octets up front, and
             # a large n means an mmap/munmap per record.
