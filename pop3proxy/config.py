@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from pop3proxy.migration.pseudonym import PseudonymKey, parse_pseudonym_key
 from pop3proxy.migration.rules import Rule, parse_rules
+from pop3proxy.policy import Network, parse_networks
 
 __all__ = [
     "CONFIG_FILE",
@@ -58,7 +59,6 @@ LOG_FORMATS: Final = ("json", "console", "auto")
 
 _SPEC_KEY: Final = "pop3proxy.setting"
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Who may speak plaintext to the proxy by default: loopback, RFC 1918 and RFC 4193 ranges.
 DEFAULT_ALLOW: Final[tuple[Network, ...]] = tuple(
@@ -295,13 +295,7 @@ def _items(raw: object, what: str) -> list[str]:
 
 
 def _parse_networks(raw: object) -> tuple[Network, ...]:
-    networks = []
-    for item in _items(raw, "a network (CIDR)"):
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not a network such as 10.0.0.0/8 or fd00::/8") from None
-    return tuple(networks)
+    return parse_networks(_items(raw, "a network (CIDR)"))
 
 
 def _parse_user_networks(raw: object) -> tuple[tuple[str, tuple[Network, ...]], ...]:

@@ -11,13 +11,29 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-__all__ = ["ALLOW", "IPAddress", "Policy", "Verdict", "combine"]
+__all__ = ["ALLOW", "IPAddress", "Network", "Policy", "Verdict", "combine", "parse_networks"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
+    """CIDRs as the admin writes them (host bits allowed: ``10.1.2.3/8`` means ``10.0.0.0/8``).
+
+    Raises:
+        ValueError: naming the item that is not a network.
+    """
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a network such as 10.0.0.0/8 or fd00::/8") from None
+    return tuple(networks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
 from pop3proxy import __version__
-from pop3proxy.config import DEFAULT_ALLOW, Network, Settings
+from pop3proxy.config import DEFAULT_ALLOW, Settings
+from pop3proxy.policy import Network
 from pop3proxy.pop3 import KNOWN_VERBS, UNKNOWN_VERB
 
 __all__ = ["History", "Metrics", "NetworkClassifier", "ReasonLabel"]

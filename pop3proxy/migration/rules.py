@@ -32,13 +32,12 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import fnmatch
-import ipaddress
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
-from pop3proxy.policy import ALLOW, IPAddress, Verdict
+from pop3proxy.policy import ALLOW, IPAddress, Network, Verdict, parse_networks
 
 if TYPE_CHECKING:
     from pop3proxy.config import Settings
@@ -56,7 +55,6 @@ __all__ = [
 
 Phase = Literal["allow", "warn", "deny"]
 PHASES: Final[tuple[Phase, ...]] = ("allow", "warn", "deny")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_DENY_MESSAGE: Final = (
     "Plaintext POP3 is switched off: set your mail program to port 995 with SSL/TLS (POP3S)"
@@ -354,13 +352,7 @@ def _strings(raw: object, what: str) -> list[str]:
 
 
 def _networks(raw: object) -> tuple[Network, ...]:
-    networks = []
-    for item in _strings(raw, "networks"):
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not a network such as 10.0.0.0/8 or fd00::/8") from None
-    return tuple(networks)
+    return parse_networks(_strings(raw, "networks"))
 
 
 def _instant(raw: object) -> dt.datetime:
