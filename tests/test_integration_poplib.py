@@ -467,8 +467,14 @@ def test_pipelined_batch_is_byte_identical_to_direct(
         sock.sendall(wire)
         proxied_replies = read_until_eof(sock, limit)
 
-    assert len(proxied_replies) == len(direct_replies)
-    assert proxied_replies == direct_replies
+    if proxied_replies != direct_replies:  # say what the proxy saw, to tell relay from upstream
+        proxy.wait_session_closed(session_id)
+        seen = [e for e in proxy.session_events(session_id)
+                if e.get("event") in {"upstream.truncated", "session.closed"}]  # fmt: skip
+        pytest.fail(
+            f"proxied {len(proxied_replies)} octets, direct {len(direct_replies)}; "
+            f"missing tail {direct_replies[len(proxied_replies):][:60]!r}; proxy: {seen}"
+        )
 
     replies = split_replies(proxied_replies, [multi for _, multi in batch])
     assert [status_of(r) for r in replies] == [
