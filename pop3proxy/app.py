@@ -17,11 +17,14 @@ import structlog
 import trio
 
 from pop3proxy.admin.http import admin_service
-from pop3proxy.config import Settings
+from pop3proxy.config import ConfigError, Settings
 from pop3proxy.migration.inventory import inventory_service, pseudonymizer_for
+from pop3proxy.migration.rules import RuleSet
 from pop3proxy.policy import Policy
 from pop3proxy.relay import Proxy
+from pop3proxy.server import build_proxy, serve
 from pop3proxy.telemetry import Telemetry
+from pop3proxy.tls import make_upstream_context
 
 __all__ = ["SERVICES", "AppContext", "Service", "policies", "run"]
 
@@ -63,8 +66,6 @@ async def run(settings: Settings, reload: Callable[[], Settings] | None = None) 
     ``reload()`` the settings and use the new trust material, allow list and rules for new
     sessions; open sessions keep theirs.
     """
-    from pop3proxy.server import build_proxy, serve  # noqa: PLC0415 - keeps --help light
-
     pseudonymizer = pseudonymizer_for(settings)
     telemetry = Telemetry(transform=pseudonymizer.event_fields if pseudonymizer else None)
     context = AppContext(settings=settings, telemetry=telemetry)
@@ -91,8 +92,6 @@ async def run(settings: Settings, reload: Callable[[], Settings] | None = None) 
 
 def policies(settings: Settings) -> list[Policy]:
     """The policies beyond the built-in access control: the migration phases (rules)."""
-    from pop3proxy.migration.rules import RuleSet  # noqa: PLC0415 - keeps --help light
-
     rules = RuleSet.from_settings(settings)
     return [rules] if len(rules) else []
 
@@ -145,9 +144,6 @@ class _Drain:
         if self.reload is None:
             _log.warning("reload.unsupported")
             return
-        from pop3proxy.config import ConfigError  # noqa: PLC0415
-        from pop3proxy.tls import make_upstream_context  # noqa: PLC0415
-
         old = self.context.settings
         try:
             new = self.reload()

@@ -112,18 +112,21 @@ class Proxy:
         self.listener = listener
         self.telemetry = telemetry or Telemetry()
         self.gatekeeper = Gatekeeper(settings, policies)
-        self.reconfigure(settings, context, policies)
+        self._use(settings, context)
 
     def reconfigure(
         self, settings: Settings, context: ssl.SSLContext, policies: Sequence[Policy] = ()
     ) -> None:
         """Use new settings, trust material and policies for new sessions (SIGHUP)."""
+        self._use(settings, context)
+        self.gatekeeper.reconfigure(settings, policies)
+
+    def _use(self, settings: Settings, context: ssl.SSLContext) -> None:
         if settings.upstream is None:
             raise ValueError("settings.upstream is required")
         self.settings = settings
         self.upstream = settings.upstream
         self.context = context
-        self.gatekeeper.reconfigure(settings, policies)
 
     async def handle_client(self, client: _Stream) -> None:
         """Run one session from accept to close; never raises (the error boundary)."""

@@ -61,6 +61,10 @@ class Telemetry:
         self.sinks.remove(sink)
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
+        self.publish(event, level, fields)
+
+    def publish(self, event: str, level: str, fields: dict[str, Any]) -> None:
+        """:meth:`emit` with the fields as a dict the caller hands over (it is modified)."""
         scrubbed: Mapping[str, Any] = redact_secrets(None, level, fields)
         if self.transform is not None:
             scrubbed = self.transform(event, scrubbed)
@@ -83,17 +87,20 @@ class SessionTelemetry:
         self.session_id = session_id
 
     def debug(self, event: str, **fields: Any) -> None:
-        self.telemetry.emit(event, "debug", session_id=self.session_id, **fields)
+        self._publish(event, "debug", fields)
 
     def info(self, event: str, **fields: Any) -> None:
-        self.telemetry.emit(event, "info", session_id=self.session_id, **fields)
+        self._publish(event, "info", fields)
 
     def warning(self, event: str, **fields: Any) -> None:
-        self.telemetry.emit(event, "warning", session_id=self.session_id, **fields)
+        self._publish(event, "warning", fields)
 
     def error(self, event: str, **fields: Any) -> None:
-        self.telemetry.emit(event, "error", session_id=self.session_id, **fields)
+        self._publish(event, "error", fields)
 
     def exception(self, event: str, **fields: Any) -> None:
         """An error with the traceback being handled (rendered without local variables)."""
-        self.telemetry.emit(event, "error", session_id=self.session_id, exc_info=True, **fields)
+        self._publish(event, "error", {**fields, "exc_info": True})
+
+    def _publish(self, event: str, level: str, fields: dict[str, Any]) -> None:
+        self.telemetry.publish(event, level, {"session_id": self.session_id, **fields})

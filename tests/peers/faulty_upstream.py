@@ -21,6 +21,7 @@ dot-stuffing) and QUIT, with one message (`MESSAGE` unless given).
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 import struct
@@ -28,9 +29,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import trustme
+
+from tests.peers.threaded_server import ThreadedServer
 
 __all__ = [
     "GREETING",
@@ -322,7 +324,7 @@ def close_while_idle(after: bytes) -> Script:
     return script
 
 
-class FaultyUpstream:
+class FaultyUpstream(ThreadedServer):
     """A POP3S server on an ephemeral port of 127.0.0.1 that runs one script per connection.
 
     Args:
@@ -344,41 +346,12 @@ class FaultyUpstream:
         max_connections: int = 64,
         lifetime: float = 120.0,
     ) -> None:
+        super().__init__(max_connections=max_connections, io_timeout=io_timeout, lifetime=lifetime)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         cert.configure_cert(self.context)
         self.scripts = list(scripts)
         self.message = message
-        self.io_timeout = io_timeout
-        self._max_connections = max_connections
-        self._lifetime = lifetime
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.port: int = int(self._listener.getsockname()[1])
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._logs: list[ConnectionLog] = []
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-
-    def __enter__(self) -> FaultyUpstream:
-        self._acceptor.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._acceptor.is_alive():
-            self._acceptor.join(timeout=5)
-        for thread in list(self._threads):
-            thread.join(timeout=self.io_timeout + 1)
-        self._listener.close()
 
     @property
     def connections(self) -> list[ConnectionLog]:
@@ -397,26 +370,12 @@ class FaultyUpstream:
             f"upstream connection {index} did not finish within {timeout} s: {self.connections!r}"
         )
 
-    def _accept_loop(self) -> None:
-        deadline = time.monotonic() + self._lifetime
-        accepted = 0
-        while not self._stop.is_set() and accepted < self._max_connections:
-            if time.monotonic() > deadline:
-                return
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            log = ConnectionLog(index=accepted + 1)
-            script = self.scripts[accepted] if accepted < len(self.scripts) else serve_normally
-            accepted += 1
-            with self._lock:
-                self._logs.append(log)
-            thread = threading.Thread(target=self._run, args=(sock, script, log), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+    def _connection(self, sock: socket.socket, index: int) -> Callable[[], None]:
+        log = ConnectionLog(index=index)
+        script = self.scripts[index - 1] if index <= len(self.scripts) else serve_normally
+        with self._lock:
+            self._logs.append(log)
+        return functools.partial(self._run, sock, script, log)
 
     def _run(self, sock: socket.socket, script: Script, log: ConnectionLog) -> None:
         sock.settimeout(self.io_timeout)

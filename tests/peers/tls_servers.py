@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import socket
 import ssl
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import trustme
+
+from tests.peers.threaded_server import ThreadedServer
 
 __all__ = [
     "GREETING",
@@ -116,7 +117,7 @@ class ConnectionRecord:
         return len(self.raw_received) >= 3 and self.raw_received[0] == _TLS_HANDSHAKE_RECORD
 
 
-class POP3STestServer:
+class POP3STestServer(ThreadedServer):
     """A threaded POP3S server on an ephemeral loopback port; use it as a context manager.
 
     Args:
@@ -139,45 +140,15 @@ class POP3STestServer:
         io_timeout: float = 10.0,
         lifetime: float = 300.0,
     ) -> None:
+        super().__init__(
+            host=host,
+            listener=listener,
+            max_connections=max_connections,
+            io_timeout=io_timeout,
+            lifetime=lifetime,
+        )
         self.context = context
-        self._max_connections = max_connections
-        self._io_timeout = io_timeout
-        self._lifetime = lifetime
-        if listener is None:
-            listener = socket.create_server((host, 0))
-        else:
-            listener.listen()
-        self._listener = listener
-        self._listener.settimeout(0.05)
-        address = listener.getsockname()
-        self.host: str = str(address[0])
-        self.port: int = int(address[1])
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._records: list[ConnectionRecord] = []
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-
-    def __enter__(self) -> POP3STestServer:
-        self._acceptor.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop accepting, wait (bounded) for the handlers, and close the listener."""
-        self._stop.set()
-        if self._acceptor.is_alive():
-            self._acceptor.join(timeout=5)
-        for thread in list(self._threads):
-            thread.join(timeout=self._io_timeout + 1)
-        self._listener.close()
 
     @property
     def records(self) -> list[ConnectionRecord]:
@@ -201,30 +172,16 @@ class POP3STestServer:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        deadline = time.monotonic() + self._lifetime
-        accepted = 0
-        while not self._stop.is_set() and accepted < self._max_connections:
-            if time.monotonic() > deadline:
-                return
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            accepted += 1
-            record = ConnectionRecord()
-            with self._lock:
-                self._records.append(record)
-            thread = threading.Thread(target=self._handle, args=(sock, record), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+    def _connection(self, sock: socket.socket, index: int) -> Callable[[], None]:
+        record = ConnectionRecord()
+        with self._lock:
+            self._records.append(record)
+        return functools.partial(self._handle, sock, record)
 
     def _handle(self, sock: socket.socket, record: ConnectionRecord) -> None:
         try:
             with sock:
-                sock.settimeout(self._io_timeout)
+                sock.settimeout(self.io_timeout)
                 self._serve(sock, record)
         except OSError as exc:
             if record.handshake_ok:
@@ -248,7 +205,7 @@ class POP3STestServer:
             if pending:
                 sock.sendall(pending)
 
-        deadline = time.monotonic() + self._io_timeout
+        deadline = time.monotonic() + self.io_timeout
         while True:
             if time.monotonic() > deadline:
                 record.handshake_error = "handshake timed out"
