@@ -11,7 +11,8 @@ logged once and ends that session only; nothing reaches the listener
 
 Memory per session is bounded whatever the message size: one client read
 (:data:`CLIENT_RECEIVE_SIZE`), one upstream batch (:data:`UPSTREAM_BATCH_LIMIT` of plaintext
-plus the socket read trio's ``SSLStream`` buffers), and the engine's line buffers. Bodies are
+plus one socket read of ciphertext, :data:`pop3proxy.streams.RECEIVE_SIZE`), and the engine's
+line buffers. Bodies are
 forwarded as they arrive; ``send_all`` to a slow client blocks the upstream pump, so the
 upstream's TCP window, not our memory, absorbs the difference (back-pressure).
 """
@@ -50,8 +51,9 @@ from pop3proxy.pop3 import (
     UnsolicitedResponse,
     UserNamed,
 )
+from pop3proxy.streams import SocketStream, TLSStream
 from pop3proxy.telemetry import SessionTelemetry, Telemetry
-from pop3proxy.tls import UpstreamError, describe_peer, open_upstream, read_buffered_plaintext
+from pop3proxy.tls import UpstreamError, describe_peer, open_upstream
 
 __all__ = ["CLIENT_RECEIVE_SIZE", "UPSTREAM_BATCH_LIMIT", "Proxy", "format_address"]
 
@@ -67,9 +69,6 @@ BODY_COALESCE_OCTETS = 64 * 1024
 CLOSE_TIMEOUT = 2.0
 REFUSE_UNKNOWN = b"-ERR [SYS/PERM] cannot tell where you connect from\r\n"
 NO_GREETING = b"-ERR [SYS/TEMP] the mail server closed the connection before greeting\r\n"
-
-_Stream = trio.SocketStream
-_TLSStream = trio.SSLStream[trio.SocketStream]
 
 
 def format_address(sockaddr: Any) -> str:
@@ -128,8 +127,13 @@ class Proxy:
         self.upstream = settings.upstream
         self.context = context
 
-    async def handle_client(self, client: _Stream) -> None:
+    async def handle_client(self, accepted: trio.SocketStream) -> None:
         """Run one session from accept to close; never raises (the error boundary)."""
+        try:
+            client = SocketStream.from_trio(accepted)
+        except OSError:  # gone already
+            await trio.aclose_forcefully(accepted)
+            return
         session_id = secrets.token_hex(4)
         # Lines logged by libraries inside this task carry the session id too.
         structlog.contextvars.clear_contextvars()
@@ -187,6 +191,11 @@ class Proxy:
             await trio.aclose_forcefully(client)
 
 
+def _delays_reply(events: list[Event]) -> bool:
+    """Whether observing ``events`` may hold back the reply (a failed login's penalty)."""
+    return any(type(event) is LoginFailed for event in events)
+
+
 def _log_verdict(log: SessionTelemetry, verdict: Verdict, user: str | None) -> None:
     if verdict.action == "allow" and not verdict.dry_run:
         return
@@ -207,7 +216,7 @@ class _Session:
     def __init__(
         self,
         proxy: Proxy,
-        client: _Stream,
+        client: SocketStream,
         *,
         address: IPAddress,
         stats: SessionStats,
@@ -267,7 +276,7 @@ class _Session:
             await trio.aclose_forcefully(upstream)
 
 
-async def _send_quietly(stream: _Stream, data: bytes) -> int:
+async def _send_quietly(stream: SocketStream, data: bytes) -> int:
     """Best-effort send of a last line to a client that may already be gone."""
     with trio.move_on_after(CLOSE_TIMEOUT):
         try:
@@ -305,7 +314,7 @@ class _OneWriter:
 class _Relay:
     """The two pumps and the watchdog of an established session."""
 
-    def __init__(self, session: _Session, upstream: _TLSStream) -> None:
+    def __init__(self, session: _Session, upstream: TLSStream) -> None:
         settings = session.settings
         self.session = session
         self.log = session.log
@@ -406,7 +415,7 @@ class _Relay:
         conversation, stats, upstream = self.conversation, self.stats, self.upstream
         while True:
             try:
-                data = await upstream.receive_some(CLIENT_RECEIVE_SIZE)
+                data = await upstream.receive_some(UPSTREAM_BATCH_LIMIT)
             except trio.BrokenResourceError:
                 # No TLS close_notify. Harmless after +OK to QUIT (many servers just close);
                 # anywhere else the reply was cut short.
@@ -415,9 +424,6 @@ class _Relay:
             if not data:
                 await self._upstream_closed(tls_close_notify=True)
                 return
-            if isinstance(data, bytearray):  # SSLObject.read gives bytes; keep mypy honest
-                data = bytes(data)
-            data = read_buffered_plaintext(upstream, data, UPSTREAM_BATCH_LIMIT)
             self.last_activity = trio.current_time()
             stats.bytes_from_upstream += len(data)
             try:
@@ -425,9 +431,17 @@ class _Relay:
             except RemoteProtocolError as exc:
                 await self._protocol_error(exc)
                 return
-            self._observe(events)
             self.replies_arrived.set()
-            await self._flush_to_client()
+            if _delays_reply(events):
+                self._observe(events)
+                await self._flush_to_client()
+            else:
+                # The reply first, then its log lines and metrics: they are off the client's
+                # round trip (and still happen if the send fails or is cancelled).
+                try:
+                    await self._flush_to_client()
+                finally:
+                    self._observe(events)
             if self.client_eof_at is not None and not conversation.pending:
                 self._finish("client_closed")
                 return

@@ -2,7 +2,8 @@
 
 Verification is always on: the chain is checked against the system store or the configured
 CA file, and the host name against ``tls_server_name``, which is always passed to
-:class:`trio.SSLStream` (without it, ``wrap_bio`` silently skips the host name check).
+:class:`~pop3proxy.streams.TLSStream` (without it, ``wrap_bio`` silently skips the host name
+check).
 TLS 1.2 is the floor (RFC 8314 section 4.1, RFC 8996). ``SSLKEYLOGFILE`` is ignored: a stray
 environment variable must never write the session keys of mailbox passwords to disk.
 """
@@ -18,16 +19,14 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
+from pop3proxy.streams import SocketStream, TLSStream
+
 __all__ = [
     "UpstreamError",
     "describe_peer",
     "make_upstream_context",
     "open_upstream",
-    "read_buffered_plaintext",
 ]
-
-#: Largest plaintext of one TLS record (RFC 8446 section 5.1).
-_TLS_RECORD_PLAINTEXT = 16384
 
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -93,6 +92,9 @@ def make_upstream_context(ca_file: Path | None, min_version: str = "1.2") -> ssl
     context.minimum_version = _TLS_VERSIONS[min_version]
     # A peer that drops TCP without close_notify must show up as such (truncation).
     context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    # No TLS 1.2 renegotiation (TLS 1.3 has none): a POP3 server has no use for it, it has
+    # been an attack surface (CVE-2009-3555), and without it a write never waits for a read.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     return context
 
 
@@ -104,7 +106,7 @@ async def open_upstream(
     context: ssl.SSLContext,
     connect_timeout: float,
     handshake_timeout: float,
-) -> trio.SSLStream[trio.SocketStream]:
+) -> TLSStream:
     """Connect and complete the TLS handshake, each under its own deadline.
 
     Raises:
@@ -119,7 +121,7 @@ async def open_upstream(
         ) from None
     except OSError as exc:
         raise UpstreamError("connect", _connect_reason(exc), _os_message(exc)) from None
-    tls = trio.SSLStream(tcp, context, server_hostname=server_name)
+    tls = TLSStream(SocketStream.from_trio(tcp), context, server_hostname=server_name)
     try:
         with trio.fail_after(handshake_timeout):
             await tls.do_handshake()
@@ -174,7 +176,7 @@ def _handshake_reason(cause: BaseException | None) -> tuple[str, str]:
     return "tls_error", type(cause).__name__
 
 
-def describe_peer(stream: trio.SSLStream[trio.SocketStream]) -> dict[str, str | None]:
+def describe_peer(stream: TLSStream) -> dict[str, str | None]:
     """What to log about an established upstream: version, cipher and the leaf certificate."""
     der = stream.getpeercert(binary_form=True)
     cipher = stream.cipher()
@@ -191,37 +193,3 @@ def describe_peer(stream: trio.SSLStream[trio.SocketStream]) -> dict[str, str | 
         info["peer_sha256"] = hashlib.sha256(der).hexdigest()
         info["peer_not_after"] = cert.not_valid_after_utc.isoformat()
     return info
-
-
-def read_buffered_plaintext(
-    stream: trio.SSLStream[trio.SocketStream], first: bytes, limit: int
-) -> bytes:
-    """``first`` plus the TLS records that have already arrived, decrypted without any I/O.
-
-    ``SSLStream.receive_some`` returns one TLS record per call, and POP3 servers send small
-    records (Dovecot: about 4 KiB), so a plain pump would wake up and ``send`` once per
-    record. Draining what is already buffered after each ``receive_some`` lets the relay
-    forward one large write instead (see the relay benchmark). This reaches the
-    ``SSLObject`` inside ``SSLStream`` (python-trio/trio#542 discusses exposing it), which
-    is safe here: it runs between awaits in the one task that reads the stream, and any
-    TLS output the read produces (a TLS 1.3 KeyUpdate) is flushed by the stream's next
-    operation. Errors are left for the next ``receive_some`` to raise properly. One join
-    copies the batch once, whatever the number of records.
-    """
-    ssl_object: ssl.SSLObject = stream._ssl_object  # private: see docstring
-    incoming: ssl.MemoryBIO = stream._incoming  # private: the received, undecrypted octets
-    chunks = [first]
-    total = len(first)
-    # Nothing received beyond what was decrypted (every short reply): skip the attempt.
-    while total < limit and (incoming.pending or ssl_object.pending()):
-        try:
-            # At most one record's worth: SSLObject.read(n) allocates n octets up front, and
-            # a large n means an mmap/munmap per record.
-            chunk = ssl_object.read(min(_TLS_RECORD_PLAINTEXT, limit - total))
-        except ssl.SSLError:  # SSLWantReadError: nothing buffered; anything else: later
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return first if len(chunks) == 1 else b"".join(chunks)
