@@ -39,9 +39,17 @@ _SECRET_KEYS = frozenset(
     {"password", "pass", "passwd", "secret", "sasl", "auth_data", "authorization", "apop_digest"}
 )
 _SECRET_LINE = re.compile(r"^\s*(PASS|RPOP|APOP\s+\S+|AUTH\s+\S+)\s+\S", re.IGNORECASE)
+#: The shortest string :data:`_SECRET_LINE` matches (``PASS x``).
+_SHORTEST_LINE = 6
+#: Field types that cannot hold a secret (exact types: a subclass gets the full look).
+_PLAIN: frozenset[type] = frozenset({int, float, bool, type(None)})
 
 
 def _scrub(value: Any) -> Any:
+    if type(value) is str:  # most values. A match needs white space after the keyword, so a
+        # short or alphanumeric string (a verb, an id, a number) is not even tried.
+        plain = len(value) < _SHORTEST_LINE or value.isalnum() or not _SECRET_LINE.match(value)
+        return value if plain else "[REDACTED LINE]"
     if isinstance(value, Secret):
         return _REDACTED
     if isinstance(value, bytes | bytearray):
@@ -49,7 +57,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return "[REDACTED LINE]" if _SECRET_LINE.match(value) else value
     if isinstance(value, list | tuple):
-        return [_scrub(item) for item in value]
+        return [_scrub(item) for item in value] if value else []  # most commands: none
     if isinstance(value, dict):
         return {k: _REDACTED if k in _SECRET_KEYS else _scrub(v) for k, v in value.items()}
     return value
@@ -60,7 +68,10 @@ def redact_secrets(
 ) -> MutableMapping[str, Any]:
     """structlog processor: the backstop that masks anything credential-shaped."""
     for key, value in event_dict.items():
-        event_dict[key] = _REDACTED if key in _SECRET_KEYS else _scrub(value)
+        if key in _SECRET_KEYS:
+            event_dict[key] = _REDACTED
+        elif type(value) not in _PLAIN:  # numbers and None cannot hold a secret
+            event_dict[key] = _scrub(value)
     return event_dict
 
 

@@ -17,7 +17,6 @@ with a ``feed.snapshot`` message instead of an empty screen.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -158,8 +157,10 @@ class Feed:
     def sink(self, event: str, level: str, fields: Mapping[str, Any]) -> None:
         """Telemetry sink: track the session table, queue the event for each watcher."""
         now = time.time()
-        with contextlib.suppress(Exception):  # a malformed field must not cost the session
+        try:  # noqa: SIM105 - contextlib.suppress costs a context manager per event
             self._track(event, fields, now)
+        except Exception:  # noqa: S110 - a malformed field must not cost the session
+            pass
         if not self._watchers:
             return
         minimum = LEVELS.get(getattr(self._settings(), "log_level", "info"), 0)

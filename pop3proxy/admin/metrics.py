@@ -13,7 +13,6 @@ configured ``allow`` networks plus ``other``, and free-form reasons the first
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import math
 import re
@@ -238,6 +237,10 @@ class Metrics:
         self._failure_reasons = ReasonLabel()
         self._allow: object = None
         self._networks = NetworkClassifier(())
+        # Children of the per-command metrics, by label values: ``labels()`` costs more than
+        # the increment. Created on first use, as ``labels()`` would, so the output is the same.
+        self._command_counters: dict[tuple[str, str], Counter] = {}
+        self._message_sizes: dict[str, Histogram] = {}
         self.sessions_active.set_function(lambda: len(self._open))
         self.certificate_days.set_function(self._days_left)
         self._handlers: Mapping[str, Callable[[Mapping[str, Any]], None]] = {
@@ -259,8 +262,10 @@ class Metrics:
         handler = self._handlers.get(event)
         if handler is None:
             return
-        with contextlib.suppress(Exception):  # a malformed field must not cost the session
+        try:  # not contextlib.suppress: that costs a context manager per event
             handler(fields)
+        except Exception:  # a malformed field must not cost the session
+            return
 
     def _classifier(self) -> NetworkClassifier:
         allow = getattr(self._settings(), "allow", DEFAULT_ALLOW)
@@ -310,11 +315,17 @@ class Metrics:
     def _on_command(self, fields: Mapping[str, Any]) -> None:
         verb = _capped(fields.get("verb"), VERBS, "OTHER")
         status = _capped(fields.get("status"), STATUSES)
-        self.commands.labels(verb, status).inc()
+        counter = self._command_counters.get((verb, status))
+        if counter is None:  # bounded: both label values are capped
+            counter = self._command_counters[verb, status] = self.commands.labels(verb, status)
+        counter.inc()
         self.history.add("commands")
         octets = fields.get("reply_octets")
         if verb in {"RETR", "TOP"} and status == "+OK" and isinstance(octets, int):
-            self.message_size.labels(verb).observe(octets)
+            sizes = self._message_sizes.get(verb)
+            if sizes is None:
+                sizes = self._message_sizes[verb] = self.message_size.labels(verb)
+            sizes.observe(octets)
 
     # -- other sources ------------------------------------------------------------------------
 
