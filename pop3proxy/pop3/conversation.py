@@ -34,9 +34,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import sys
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 from pop3proxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from pop3proxy.pop3.events import (
@@ -128,19 +130,29 @@ _TRANSITIONS: Mapping[tuple[State, str, bool], State] = {
 }
 #: Verbs whose reply decides a login (RFC 1939 section 7, RFC 5034).
 _LOGIN_VERBS = frozenset({"PASS", "APOP", _SASL})
+#: Verbs whose reply has an effect beyond its events: every verb of ``_TRANSITIONS``, and USER.
+#: Replies to any other verb (most of them) skip the per-verb checks.
+_EFFECT_VERBS = frozenset({"USER", *(verb for _state, verb, _ok in _TRANSITIONS)})
+
+#: Status lines without text (``+OK`` to NOOP is the most common reply): one shared instance
+#: each, as Status is frozen.
+_BARE_OK = Status(ok=True, code=None, text="")
+_BARE_ERR = Status(ok=False, code=None, text="")
+#: Status indicators (RFC 1939 section 3).
+_INDICATORS = (b"+OK", b"-ERR")
+_UNUSABLE = "conversation already failed with a protocol error"
 
 
 def parse_status(line: bytes) -> Status | None:
     """Parse a ``+OK``/``-ERR`` line, with its RFC 2449 section 8 response code; None if neither."""
-    text = line.rstrip(b"\r\n")
-    head = text[:4].upper()
-    if head.startswith(b"+OK"):
-        ok, rest = True, text[3:]
-    elif head == b"-ERR":
-        ok, rest = False, text[4:]
-    else:
+    # RFC 1939 section 3 indicators are upper case; upper-casing is for servers that differ.
+    # Neither indicator contains CR or LF: testing the line with its CRLF gives the same answer.
+    if not line.startswith(_INDICATORS) and not line[:4].upper().startswith(_INDICATORS):
         return None
-    rest = rest.lstrip(b" ")
+    ok = line[:1] == b"+"
+    rest = (line[3:] if ok else line[4:]).rstrip(b"\r\n").lstrip(b" ")
+    if not rest:
+        return _BARE_OK if ok else _BARE_ERR
     code: str | None = None
     if rest.startswith(b"["):
         end = rest.find(b"]")
@@ -243,7 +255,10 @@ class Pop3Conversation:
         self._max_command_line = max_command_line
         self._max_sasl_line = max_sasl_line
         self._max_status_line = max_status_line
-        self._max_pipelined = max_pipelined
+        #: ``max_pipelined`` as a number: no bound is more than can ever be pending.
+        self._pipeline_limit = sys.maxsize if max_pipelined is None else max_pipelined
+        #: A line no longer than this is within both line limits, whatever its verb.
+        self._short_line = min(max_command_line, max_sasl_line)
         #: Text inserted after ``+OK`` in the greeting (a migration notice), or None. Set it
         #: before the greeting arrives; the APOP timestamp is kept.
         self.greeting_notice: str | None = None
@@ -292,11 +307,7 @@ class Pop3Conversation:
         return self._pipeline_full() and self.client_backlog
 
     def _pipeline_full(self) -> bool:
-        return (
-            self._max_pipelined is not None
-            and self._open_auth is None
-            and len(self._pending) >= self._max_pipelined
-        )
+        return self._open_auth is None and len(self._pending) >= self._pipeline_limit
 
     def receive_client(self, data: bytes) -> list[Event]:
         """Feed octets from the client; return the events they complete.
@@ -304,9 +315,22 @@ class Pop3Conversation:
         Raises:
             RemoteProtocolError: a client line is over its limit.
         """
-        self._check_usable()
+        if self._broken:
+            raise LocalProtocolError(_UNUSABLE)
         events: list[Event] = []
         buf = self._client_buf
+        end = data.find(b"\n") + 1
+        if (
+            0 < end == len(data) <= self._short_line
+            and not buf
+            and (self._open_auth is not None or len(self._pending) < self._pipeline_limit)
+        ):
+            # The common read: exactly one line (its first LF is its last octet), within both
+            # limits, nothing buffered before it, room in the pipeline (not _pipeline_full).
+            # The loop below would copy it through the buffer only to find it valid: forward
+            # data itself (bytes are immutable; body chunks are forwarded uncopied too).
+            self._client_line(data, events)
+            return events
         buf += data
         start = 0
         try:
@@ -329,8 +353,10 @@ class Pop3Conversation:
         Raises:
             RemoteProtocolError: the server sent something that is not POP3.
         """
-        self._check_usable()
+        if self._broken:
+            raise LocalProtocolError(_UNUSABLE)
         events: list[Event] = []
+        limit = self._max_status_line
         pos, end = 0, len(data)
         while pos < end:
             if self._body is not None and not self._body_by_line:
@@ -339,15 +365,17 @@ class Pop3Conversation:
             newline = data.find(b"\n", pos)
             if newline < 0:
                 self._server_buf += data[pos:]
-                self._check_server_line(len(self._server_buf))
+                if len(self._server_buf) > limit:
+                    self._server_line_too_long()
                 break
             if self._server_buf:
                 line = bytes(self._server_buf) + data[pos : newline + 1]
                 self._server_buf.clear()
             else:
-                line = data[pos : newline + 1]
+                line = data[pos : newline + 1]  # all of data, not a copy, when it is one line
             pos = newline + 1
-            self._check_server_line(len(line))
+            if len(line) > limit:
+                self._server_line_too_long()
             self._server_line(line, events)
         return events
 
@@ -369,10 +397,11 @@ class Pop3Conversation:
 
     def take_upstream_bytes(self) -> bytes:
         """Octets to send to the server, in order; empties the queue."""
-        if not self._to_server:
+        out = self._to_server
+        if not out:
             return b""
-        data = b"".join(chunk for _seq, chunk in self._to_server)
-        self._to_server.clear()
+        data = out[0][1] if len(out) == 1 else b"".join([chunk for _seq, chunk in out])
+        out.clear()
         return data
 
     @property
@@ -434,7 +463,7 @@ class Pop3Conversation:
         multiline = verb in _MULTILINE_ALWAYS or (
             verb in _MULTILINE_WITHOUT_ARGS and not command.args
         )
-        pending = _Pending(command=command, multiline=multiline)
+        pending = _Pending(command, multiline)
         events.append(command)
         self._pending.append(pending)
         if verb in self._local_replies:
@@ -473,28 +502,20 @@ class Pop3Conversation:
 
     # ------------------------------------------------------------------ server side
 
-    def _check_server_line(self, length: int) -> None:
-        limit = self._max_status_line
-        if length > limit:
-            self._broken = True
-            raise RemoteProtocolError(
-                f"server line longer than {limit} octets",
-                side="server",
-                reply_hint=b"-ERR [SYS/TEMP] the mail server sent an invalid reply\r\n",
-            )
+    def _server_line_too_long(self) -> NoReturn:
+        self._broken = True
+        raise RemoteProtocolError(
+            f"server line longer than {self._max_status_line} octets",
+            side="server",
+            reply_hint=b"-ERR [SYS/TEMP] the mail server sent an invalid reply\r\n",
+        )
 
     def _server_line(self, line: bytes, events: list[Event]) -> None:
         if self._body is not None:
             self._capa_line(self._body, line, events)
             return
         if self.state is State.GREETING:
-            status = self._require_status(line)
-            events.append(Greeting(status, _apop_timestamp(line)))
-            if status.ok and self.greeting_notice:
-                line = b"+OK " + self.greeting_notice.encode() + b" " + line[3:].lstrip(b" ")
-            self._to_client.append(line)
-            self.state = State.AUTHORIZATION if status.ok else State.CLOSED
-            self._flush_local_replies(events)
+            self._greeting(line, events)
             return
         if not self._pending:
             events.append(UnsolicitedResponse(self._require_status(line)))
@@ -507,7 +528,9 @@ class Pop3Conversation:
             head.sasl_challenges += 1
             events.append(SaslChallenge(head.command))
             return
-        status = self._require_status(line)
+        status = parse_status(line)
+        if status is None:
+            self._not_a_status_line()
         multiline = status.ok and head.multiline
         events.append(Response(head.command, status, multiline))
         if multiline:
@@ -517,6 +540,15 @@ class Pop3Conversation:
             self._tail = line[-4:]
         else:
             self._complete(status, events)
+
+    def _greeting(self, line: bytes, events: list[Event]) -> None:
+        status = self._require_status(line)
+        events.append(Greeting(status, _apop_timestamp(line)))
+        if status.ok and self.greeting_notice:
+            line = b"+OK " + self.greeting_notice.encode() + b" " + line[3:].lstrip(b" ")
+        self._to_client.append(line)
+        self.state = State.AUTHORIZATION if status.ok else State.CLOSED
+        self._flush_local_replies(events)
 
     def _capa_line(self, head: _Pending, line: bytes, events: list[Event]) -> None:
         """One line of a CAPA body (RFC 2449 section 5), filtered by ``hidden_capabilities``."""
@@ -586,26 +618,29 @@ class Pop3Conversation:
         self._body = None
         self._tail = self._held = b""
         events.append(BodyEnd(head.command))
-        self._complete(head.status or Status(ok=True, code=None, text=""), events)
+        self._complete(head.status or _BARE_OK, events)
 
     def _complete(self, status: Status, events: list[Event]) -> None:
         """The head command's reply is complete: apply its effects, then release local replies."""
-        head = self._pending.popleft()
+        pending = self._pending
+        head = pending.popleft()
         command = head.command
         verb = _SASL if head.mechanism is not None else command.verb
-        if head.mechanism is not None:
-            self._end_sasl(head, status, events)
-        elif verb == "PASS":
-            self._login_result(status, "USER", self.user, events)
-        elif verb == "APOP":
-            self._login_result(status, "APOP", self.user, events)
-        elif verb == "USER" and not status.ok:
-            self.user = None
-        elif verb == "QUIT" and status.ok:
-            self.quit_acknowledged = True
-        self.state = _TRANSITIONS.get((self.state, verb, status.ok), self.state)
+        if verb in _EFFECT_VERBS:
+            if head.mechanism is not None:
+                self._end_sasl(head, status, events)
+            elif verb == "PASS":
+                self._login_result(status, "USER", self.user, events)
+            elif verb == "APOP":
+                self._login_result(status, "APOP", self.user, events)
+            elif verb == "USER" and not status.ok:
+                self.user = None
+            elif verb == "QUIT" and status.ok:
+                self.quit_acknowledged = True
+            self.state = _TRANSITIONS.get((self.state, verb, status.ok), self.state)
         events.append(CommandCompleted(command, status, head.reply_octets))
-        self._flush_local_replies(events)
+        if pending and pending[0].local_reply is not None:  # rare: skip the call otherwise
+            self._flush_local_replies(events)
 
     def _end_sasl(self, head: _Pending, status: Status, events: list[Event]) -> None:
         mechanism = head.mechanism or ""
@@ -646,7 +681,7 @@ class Pop3Conversation:
         while self._pending and self._pending[0].local_reply is not None and self._body is None:
             head = self._pending.popleft()
             reply = head.local_reply or b""
-            status = parse_status(reply) or Status(ok=False, code=None, text="")
+            status = parse_status(reply) or _BARE_ERR
             self._to_client.append(reply)
             events.append(LocalReply(head.command, status))
             events.append(CommandCompleted(head.command, status, len(reply)))
@@ -654,17 +689,16 @@ class Pop3Conversation:
     def _require_status(self, line: bytes) -> Status:
         status = parse_status(line)
         if status is None:
-            self._broken = True
-            raise RemoteProtocolError(
-                "server line is neither +OK nor -ERR",
-                side="server",
-                reply_hint=b"-ERR [SYS/TEMP] the mail server sent an invalid reply\r\n",
-            )
+            self._not_a_status_line()
         return status
 
-    def _check_usable(self) -> None:
-        if self._broken:
-            raise LocalProtocolError("conversation already failed with a protocol error")
+    def _not_a_status_line(self) -> NoReturn:
+        self._broken = True
+        raise RemoteProtocolError(
+            "server line is neither +OK nor -ERR",
+            side="server",
+            reply_hint=b"-ERR [SYS/TEMP] the mail server sent an invalid reply\r\n",
+        )
 
 
 def _parse_command(seq: int, line: bytes) -> Command:
@@ -674,14 +708,20 @@ def _parse_command(seq: int, line: bytes) -> Command:
     not see a login here that the log shows as something else.
     """
     text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-    match = _FIRST_WORD.match(text)
-    word, rest = (match.group(1), match.group(2)) if match else ("", "")
+    # A verb is usually alphanumeric, so holds no white space, and SP (if any) ends it; the
+    # regular expression finds the end of anything else.
+    word, _space, rest = text.partition(" ")
+    if not word.isalnum():
+        match = _FIRST_WORD.match(text)
+        word, rest = (match.group(1), match.group(2)) if match else ("", "")
     verb = word.upper()
     if verb not in KNOWN_VERBS:
         return Command(seq, UNKNOWN_VERB, (Secret(text),) if text else ())
     if verb in _ALL_ARGS_SECRET:
         # RFC 1939 section 7: a password may contain spaces; it is the rest of the line.
         return Command(seq, verb, (Secret(rest),) if rest else ())
+    if not rest:
+        return Command(seq, verb)
     words = rest.split()
     args: tuple[str | Secret, ...]
     if verb == "APOP" and len(words) >= 2:

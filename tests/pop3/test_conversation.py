@@ -824,6 +824,34 @@ def test_unknown_verb_is_single_line(split: Split) -> None:
 
 
 @pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        pytest.param(b"LIST\t2\r\n", Command(1, "LIST", ("2",)), id="tab"),
+        pytest.param(b"DELE\xc2\xa01\r\n", Command(1, "DELE", ("1",)), id="no-break-space"),
+        pytest.param(b"NOOP\x1cx\r\n", Command(1, "NOOP", ("x",)), id="file-separator"),
+        pytest.param(
+            b"PASS\xe2\x80\x83 two  spaces\r\n",
+            Command(1, "PASS", (Secret(" two  spaces"),)),
+            id="em-space-then-password",
+        ),
+        pytest.param(
+            b"\tUSER alice\r\n", Command(1, "UNKNOWN", (Secret("\tUSER alice"),)), id="leading-tab"
+        ),
+    ],
+)
+def test_verb_ends_at_first_white_space_of_any_kind(
+    split: Split, line: bytes, command: Command
+) -> None:
+    transcript: Transcript = [("S", GREETING), ("C", line), ("S", b"-ERR no\r\n")]
+    result = run_split(transcript, split)
+    assert result.events[1] == command
+    assert [a.reveal() if isinstance(a, Secret) else a for a in result.events[1].args] == [
+        a.reveal() if isinstance(a, Secret) else a for a in command.args
+    ]
+    assert_relayed_verbatim(result, transcript)
+
+
+@pytest.mark.parametrize(
     ("line", "reply", "command"),
     [
         (b"STAT\r\n", b"+OK 2 320\r\n", Command(3, "STAT")),
@@ -1150,6 +1178,34 @@ def test_client_line_over_limit(line: bytes, limit: int) -> None:
         result.conversation.receive_client(b"NOOP\r\n")
     with pytest.raises(LocalProtocolError):
         result.conversation.receive_server(b"+OK\r\n")
+
+
+@pytest.mark.parametrize(
+    ("limits", "line", "exceeded"),
+    [
+        pytest.param((64, 16), b"NOOP " + b"x" * 30 + b"\r\n", None, id="command-under-own-limit"),
+        pytest.param((64, 16), b"AUTH PLAIN " + b"A" * 10 + b"\r\n", 16, id="auth-over-sasl"),
+        pytest.param((8, 8192), b"AUTH PLAIN\r\n", None, id="auth-under-sasl"),
+        pytest.param((8, 8192), b"NOOP xxxx\r\n", 8, id="command-over-own-limit"),
+    ],
+)
+def test_each_line_limit_applies_to_its_lines(
+    split: Split, limits: tuple[int, int], line: bytes, exceeded: int | None
+) -> None:
+    # Either limit may be the smaller one; a line read whole is held to the right one.
+    command_limit, sasl_limit = limits
+    result = run_split(
+        [("S", GREETING), ("C", line)],
+        split,
+        factory=lambda: Pop3Conversation(max_command_line=command_limit, max_sasl_line=sasl_limit),
+    )
+    if exceeded is None:
+        assert result.error is None
+        assert result.upstream == line
+    else:
+        assert result.error is not None
+        assert str(exceeded) in result.error.reason
+        assert result.upstream == b""
 
 
 def test_sasl_continuation_line_limit() -> None:

@@ -90,6 +90,31 @@ def test_pipelining_bound_holds_lines_until_replies_arrive() -> None:
     assert not conversation.client_paused
 
 
+def test_pipelining_bound_holds_a_line_read_alone() -> None:
+    conversation = greeted(max_pipelined=1)
+    assert [e.verb for e in conversation.receive_client(b"NOOP\r\n") if isinstance(e, Command)] == [
+        "NOOP"
+    ]
+    assert conversation.receive_client(b"STAT\r\n") == []
+    assert conversation.client_paused
+    assert conversation.take_upstream_bytes() == b"NOOP\r\n"
+    conversation.receive_server(b"+OK\r\n")
+    assert not conversation.client_paused
+    events = conversation.receive_client(b"")
+    assert [e.verb for e in events if isinstance(e, Command)] == ["STAT"]
+    assert conversation.take_upstream_bytes() == b"STAT\r\n"
+
+
+def test_pipelining_bound_lets_sasl_continuations_through() -> None:
+    # The AUTH command fills the pipeline; the lines of its own exchange must still pass.
+    conversation = greeted(max_pipelined=1)
+    conversation.receive_client(b"AUTH PLAIN\r\n")
+    conversation.receive_server(b"+ \r\n")
+    events = conversation.receive_client(b64(b"\0alice\0pw") + b"\r\n")
+    assert any(isinstance(e, UserNamed) and e.user == "alice" for e in events)
+    assert conversation.take_upstream_bytes() == b"AUTH PLAIN\r\n" + b64(b"\0alice\0pw") + b"\r\n"
+
+
 def test_in_body_while_a_multiline_reply_streams() -> None:
     conversation = greeted()
     conversation.receive_client(b"RETR 1\r\n")
