@@ -1,11 +1,17 @@
-"""A bare trio relay: plaintext in, ``trio.SSLStream`` out, no POP3 parsing at all.
+"""A bare trio relay: plaintext in, TLS out, no POP3 parsing at all.
 
-Not part of pop3proxy: a reference point for ``relay_bench.py --relays ...,trio-bare``. It
-uses the same TLS data path as pop3proxy (``trio.SSLStream`` over the stdlib ``ssl``), so the
-difference between the two is what pop3proxy adds (parsing, logging, metrics, policies), and
-the difference between it and stunnel is what the trio data path itself costs.
+Not part of pop3proxy: a reference point for ``relay_bench.py``. It pumps octets both ways
+over one of two data paths, both stdlib ``ssl`` under trio:
 
-    python bench/bare_trio_relay.py LISTEN_PORT UPSTREAM_PORT CA_FILE SERVER_NAME
+- ``sslstream`` (relay ``trio-bare``): ``trio.SocketStream`` and ``trio.SSLStream``, the
+  straightforward trio relay;
+- ``streams`` (relay ``streams-bare``): :mod:`pop3proxy.streams`, the streams pop3proxy uses.
+
+The difference between ``streams-bare`` and pop3proxy is what pop3proxy's own work costs
+(parsing, logging, metrics, policies); between ``trio-bare`` and ``streams-bare``, what the
+data path costs; between either and stunnel, what trio and Python cost.
+
+    python bench/bare_trio_relay.py LISTEN UPSTREAM CA_FILE SERVER_NAME [sslstream|streams]
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from functools import partial
 
 import trio
 
+from pop3proxy.streams import SocketStream, TLSStream
+
 RECEIVE_SIZE = 65536
 
 
@@ -25,10 +33,23 @@ async def pump(source: trio.abc.ReceiveStream, sink: trio.abc.SendStream) -> Non
 
 
 async def handle(
-    upstream_port: int, context: ssl.SSLContext, server_name: str, client: trio.SocketStream
+    upstream_port: int,
+    context: ssl.SSLContext,
+    server_name: str,
+    data_path: str,
+    accepted: trio.SocketStream,
 ) -> None:
     tcp = await trio.open_tcp_stream("127.0.0.1", upstream_port)
-    upstream = trio.SSLStream(tcp, context, server_hostname=server_name)
+    client: trio.abc.Stream
+    upstream: trio.abc.Stream
+    if data_path == "streams":
+        client = SocketStream.from_trio(accepted)
+        tls = TLSStream(SocketStream.from_trio(tcp), context, server_hostname=server_name)
+        await tls.do_handshake()
+        upstream = tls
+    else:
+        client = accepted
+        upstream = trio.SSLStream(tcp, context, server_hostname=server_name)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump, client, upstream)
@@ -37,12 +58,16 @@ async def handle(
         pass
     finally:
         await trio.aclose_forcefully(upstream)
+        await trio.aclose_forcefully(client)
 
 
 def main() -> None:
     listen_port, upstream_port = int(sys.argv[1]), int(sys.argv[2])
+    data_path = sys.argv[5] if len(sys.argv) > 5 else "sslstream"
+    if data_path not in {"sslstream", "streams"}:
+        raise SystemExit(f"unknown data path {data_path!r}: sslstream or streams")
     context = ssl.create_default_context(cafile=sys.argv[3])
-    handler = partial(handle, upstream_port, context, sys.argv[4])
+    handler = partial(handle, upstream_port, context, sys.argv[4], data_path)
     trio.run(partial(trio.serve_tcp, handler, listen_port, host="127.0.0.1"))
 
 

@@ -68,7 +68,7 @@ RETR_TIMEOUT = 300.0
 PHASE_TIMEOUT = 120.0
 MAX_LINE = 64 * 1024
 
-RELAY_NAMES = ("stunnel", "pop3proxy", "pop3proxy-info", "trio-bare")
+RELAY_NAMES = ("stunnel", "pop3proxy", "pop3proxy-info", "streams-bare", "trio-bare")
 BASELINE = "stunnel"
 
 
@@ -234,13 +234,14 @@ sslVersionMin = TLSv1.2
     )
 
 
-def make_bare_trio(workdir: Path, dovecot: Dovecot) -> Relay:
-    """The same trio.SSLStream data path with no POP3 parsing: the floor of a trio relay."""
+def make_bare_trio(workdir: Path, dovecot: Dovecot, name: str) -> Relay:
+    """A pump with no POP3 parsing: over trio.SSLStream, or over pop3proxy's own streams."""
     port = free_port()
     script = Path(__file__).with_name("bare_trio_relay.py")
     argv = [sys.executable, str(script), str(port), str(dovecot.port)]
     argv += [str(dovecot.ca_pem_path), SERVER_NAME]
-    return Relay(name="trio-bare", argv=argv, port=port, log_path=workdir / "trio-bare.log")
+    argv.append("streams" if name == "streams-bare" else "sslstream")
+    return Relay(name=name, argv=argv, port=port, log_path=workdir / f"{name}.log")
 
 
 def make_pop3proxy(workdir: Path, dovecot: Dovecot, name: str, log_level: str) -> Relay:
@@ -590,8 +591,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             for name in names:
                 if name == "stunnel":
                     relays.append(make_stunnel(workdir, dovecot))
-                elif name == "trio-bare":
-                    relays.append(make_bare_trio(workdir, dovecot))
+                elif name in {"trio-bare", "streams-bare"}:
+                    relays.append(make_bare_trio(workdir, dovecot, name))
                 else:
                     level = "info" if name.endswith("-info") else "warning"
                     relays.append(make_pop3proxy(workdir, dovecot, name, level))

@@ -191,9 +191,14 @@ class Proxy:
             await trio.aclose_forcefully(client)
 
 
+def _gates_command(events: list[Event]) -> bool:
+    """Whether observing ``events`` may stop the command from being sent (a login policy)."""
+    return UserNamed in map(type, events)
+
+
 def _delays_reply(events: list[Event]) -> bool:
     """Whether observing ``events`` may hold back the reply (a failed login's penalty)."""
-    return any(type(event) is LoginFailed for event in events)
+    return LoginFailed in map(type, events)
 
 
 def _log_verdict(log: SessionTelemetry, verdict: Verdict, user: str | None) -> None:
@@ -308,7 +313,8 @@ class _OneWriter:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._busy = False
-        self._waiting.unpark()
+        if self._waiting:  # rarely anyone: skip the call
+            self._waiting.unpark()
 
 
 class _Relay:
@@ -332,7 +338,8 @@ class _Relay:
         self.client_writer = _OneWriter()
         self.last_activity = trio.current_time()
         self.client_eof_at: float | None = None
-        self.replies_arrived = trio.Event()
+        #: Where the client pump waits while pipelined commands fill the queue.
+        self.reply_room = trio.lowlevel.ParkingLot()
         self.login_failures = 0
         #: Set when a login was refused here: the session ends once the refusal is sent.
         self.end_after_flush: str | None = None
@@ -373,43 +380,55 @@ class _Relay:
     # ------------------------------------------------------------------ pumps
 
     async def _client_to_upstream(self) -> None:
-        conversation, stats = self.conversation, self.stats
+        conversation = self.conversation
         while True:
             if conversation.client_backlog:
                 # RFC 2449 PIPELINING, bounded: read no more until replies make room.
                 while conversation.client_paused:
-                    await self.replies_arrived.wait()
-                    self.replies_arrived = trio.Event()
+                    await self.reply_room.park()
                 data = b""
             else:
-                try:
-                    data = bytes(await self.client.receive_some(CLIENT_RECEIVE_SIZE))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._finish("client_reset")
+                received = await self._receive_from_client()
+                if received is None:
                     return
-                self.last_activity = trio.current_time()
-                if not data:
-                    self._observe(conversation.client_closed())
-                    self.client_eof_at = trio.current_time()
-                    if not conversation.pending:
-                        self._finish("client_closed")
-                    return
-                stats.bytes_from_client += len(data)
+                data = received
             try:
                 events = conversation.receive_client(data)
             except RemoteProtocolError as exc:
                 await self._protocol_error(exc)
                 return
-            self._observe(events)
+            if _gates_command(events):
+                self._observe(events)  # a login policy may answer it here instead
+                events = []
             outgoing = conversation.take_upstream_bytes()
-            if outgoing:
-                try:
+            try:
+                if outgoing:
                     await self.upstream.send_all(outgoing)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._finish("upstream_reset")
-                    return
-                stats.bytes_to_upstream += len(outgoing)
-            await self._flush_to_client()
+                    self.stats.bytes_to_upstream += len(outgoing)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._finish("upstream_reset")
+                return
+            finally:
+                self._observe(events)  # after the send: off the command's round trip
+            if conversation.owes_client:
+                await self._flush_to_client()
+
+    async def _receive_from_client(self) -> bytes | None:
+        """The client's next octets; None once it has gone (the session's end is arranged)."""
+        try:
+            data = await self.client.receive_some(CLIENT_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._finish("client_reset")
+            return None
+        self.last_activity = now = trio.current_time()
+        if not data:
+            self._observe(self.conversation.client_closed())
+            self.client_eof_at = now
+            if not self.conversation.pending:
+                self._finish("client_closed")
+            return None
+        self.stats.bytes_from_client += len(data)
+        return data
 
     async def _upstream_to_client(self) -> None:
         conversation, stats, upstream = self.conversation, self.stats, self.upstream
@@ -431,7 +450,8 @@ class _Relay:
             except RemoteProtocolError as exc:
                 await self._protocol_error(exc)
                 return
-            self.replies_arrived.set()
+            if self.reply_room:
+                self.reply_room.unpark_all()
             if _delays_reply(events):
                 self._observe(events)
                 await self._flush_to_client()

@@ -185,7 +185,7 @@ class TLSStream(trio.abc.Stream):
 
     async def do_handshake(self) -> None:
         """Run the handshake; verification failures raise ``BrokenResourceError`` from the cause."""
-        self._check_usable()
+        self._check_open()
         while True:
             try:
                 self._ssl.do_handshake()
@@ -302,13 +302,19 @@ class TLSStream(trio.abc.Stream):
             raise
         finally:
             self._flushing = False
-            self._flushed.unpark_all()
+            if self._flushed:  # rarely anyone: skip the call
+                self._flushed.unpark_all()
 
-    def _check_usable(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the TLS stream is closed")
         if self._broken is not None:
             raise trio.BrokenResourceError(f"the TLS stream is broken: {self._broken}")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if not self._handshook:  # no implicit handshake: it has its own deadline and errors
+            raise RuntimeError("TLSStream: call do_handshake() first")
 
     def _fail(self, exc: ssl.SSLError) -> trio.BrokenResourceError:
         self._broken = exc.reason or type(exc).__name__

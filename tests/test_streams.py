@@ -322,3 +322,19 @@ async def test_closing_wakes_a_waiting_reader() -> None:
             nursery.start_soon(reader)
             await trio.sleep(0.05)
             stream.close()
+
+
+async def test_using_the_stream_before_the_handshake_is_a_programming_error(
+    ca: trustme.CA, context: ssl.SSLContext
+) -> None:
+    async def never(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        await trio.sleep_forever()
+
+    async with tls_server(ca, never) as port:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = TLSStream(SocketStream.from_trio(tcp), context, server_hostname=SERVER_NAME)
+        with pytest.raises(RuntimeError, match="do_handshake"):
+            await stream.receive_some()
+        with pytest.raises(RuntimeError, match="do_handshake"):
+            await stream.send_all(b"NOOP\r\n")
+        await stream.aclose()
