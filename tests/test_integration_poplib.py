@@ -379,6 +379,36 @@ def test_dele_rset_and_quit_commit(
     assert int(closed["bytes_to_client"]) > sizes[0]
 
 
+def test_pipelined_quit_from_a_half_closed_client_still_commits(
+    proxy: ProxyProcess, dovecot: Dovecot, mailbox: MailboxFactory, corpus: tuple[bytes, ...]
+) -> None:
+    """``DELE`` + ``RETR`` + ``QUIT`` in one write, then the client closes its sending side.
+
+    The proxy holds the pipelined QUIT until the RETR reply is complete; it must still send
+    it after the client's end of stream, or the server never enters the UPDATE state
+    (RFC 1939 section 6) and the deletion is lost.
+    """
+    box = mailbox(corpus[:2])
+    with raw_proxy(proxy) as sock:
+        read_line(sock)
+        sock.sendall(f"USER {box.user}\r\n".encode())
+        assert read_line(sock).startswith(b"+OK")
+        sock.sendall(f"PASS {box.password}\r\n".encode())
+        assert read_line(sock).startswith(b"+OK")
+        sock.sendall(b"DELE 1\r\nRETR 2\r\nQUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        replies = read_until_eof(sock, 4 * len(corpus[1]) + 65536)
+    dele, retr, quit_ = split_replies(replies, [False, True, False])
+    assert status_of(dele) == b"+OK"
+    assert unstuff(retr) == corpus[1]
+    assert status_of(quit_) == b"+OK"
+    with direct(dovecot) as pop:
+        login(pop, "USER", box.user, box.password)
+        assert pop.stat()[0] == 1, "QUIT never reached the server: the DELE was not committed"
+        assert retr_bytes(pop, 1) == corpus[1]
+        pop.quit()
+
+
 # -- STLS ---------------------------------------------------------------------------------------
 
 

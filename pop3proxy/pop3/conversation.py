@@ -140,6 +140,8 @@ _BARE_OK = Status(ok=True, code=None, text="")
 _BARE_ERR = Status(ok=False, code=None, text="")
 #: Status indicators (RFC 1939 section 3).
 _INDICATORS = (b"+OK", b"-ERR")
+#: What may follow a verb of four letters on its line (white space, or the line's end).
+_VERB_ENDS = (b" ", b"\t", b"\r", b"\n", b"\x0b", b"\x0c")  # a tuple: bytearray slices too
 _UNUSABLE = "conversation already failed with a protocol error"
 
 
@@ -303,11 +305,30 @@ class Pop3Conversation:
 
     @property
     def client_paused(self) -> bool:
-        """Buffered client lines must wait for replies (``max_pipelined`` commands pending)."""
-        return self._pipeline_full() and self.client_backlog
+        """Buffered client lines must wait for replies: ``max_pipelined`` commands are
+        pending, or the next line is a QUIT that waits for the replies before it."""
+        return self.client_backlog and (
+            self._pipeline_full() or self._quit_waits(self._client_buf, 0)
+        )
 
     def _pipeline_full(self) -> bool:
         return self._open_auth is None and len(self._pending) >= self._pipeline_limit
+
+    def _quit_waits(self, buf: bytes | bytearray, start: int) -> bool:
+        """A pipelined QUIT is held until every earlier reply is complete.
+
+        A server may end the session as soon as it reads QUIT, discarding replies still in
+        its output buffer: Dovecot 2.3 was seen to drop the end of a large RETR and its
+        own ``+OK`` to a QUIT pipelined behind it when the reader was slow. Held here, QUIT
+        reaches the server only after the last reply has reached the proxy (RFC 1939
+        section 6: the UPDATE state is entered only with QUIT, so nothing is lost by waiting).
+        """
+        return (
+            bool(self._pending)
+            and self._open_auth is None
+            and buf[start : start + 4].upper() == b"QUIT"
+            and buf[start + 4 : start + 5] in _VERB_ENDS
+        )
 
     def receive_client(self, data: bytes) -> list[Event]:
         """Feed octets from the client; return the events they complete.
@@ -324,6 +345,7 @@ class Pop3Conversation:
             0 < end == len(data) <= self._short_line
             and not buf
             and (self._open_auth is not None or len(self._pending) < self._pipeline_limit)
+            and not self._quit_waits(data, 0)
         ):
             # The common read: exactly one line (its first LF is its last octet), within both
             # limits, nothing buffered before it, room in the pipeline (not _pipeline_full).
@@ -338,6 +360,8 @@ class Pop3Conversation:
                 newline = buf.find(b"\n", start)
                 if newline < 0:
                     self._check_client_line(bytes(buf[start : start + 5]), len(buf) - start)
+                    break
+                if self._quit_waits(buf, start):
                     break
                 line = bytes(buf[start : newline + 1])
                 start = newline + 1

@@ -141,6 +141,10 @@ def run(
         try:
             for read in reads:
                 result.events += receive(read)
+                # As a relay does: client lines held back (a full pipeline, a pipelined QUIT)
+                # are fed once replies have made room.
+                while conversation.client_backlog and not conversation.client_paused:
+                    result.events += conversation.receive_client(b"")
                 # Take after every read, as a relay would: the queues must not depend on it.
                 result.to_server += conversation.take_upstream_bytes()
                 result.to_client += conversation.take_client_bytes()
@@ -253,5 +257,20 @@ def reply_events(events: Sequence[Event]) -> list[Event]:
 
 
 def lock_step_to_pipelined(transcript: Transcript) -> list[Step]:
-    """What a pipelining client does: send every command at once, before any reply arrives."""
-    return [("C", client_input(transcript)), ("S", server_input(transcript))]
+    """What a pipelining client does: send every command at once, before any reply arrives.
+
+    The server's replies then come in one read, except the reply to a QUIT and what follows:
+    the engine holds a pipelined QUIT until every earlier reply is complete, so a server
+    cannot answer it any sooner.
+    """
+    steps: list[Step] = [("C", client_input(transcript))]
+    quits = [i for i, (side, data) in enumerate(transcript) if side == "C" and _is_quit(data)]
+    cut = quits[-1] if quits else len(transcript)
+    for part in (transcript[:cut], transcript[cut:]):
+        if server_input(part):
+            steps.append(("S", server_input(part)))
+    return steps
+
+
+def _is_quit(line: bytes) -> bool:
+    return line[:4].upper() == b"QUIT" and line[4:5] in (b"\r", b"\n", b" ")

@@ -1028,16 +1028,20 @@ def test_pipelined_client_events() -> None:
         [*login(), ("C", b"STLS\r\n"), ("C", b"QUIT\r\n"), ("S", b"+OK bye\r\n")]
     )
     result = run(transcript)
+    # QUIT is held back until every earlier reply is complete.
     assert [type(e).__name__ for e in result.steps[0].events] == [
-        "Command", "UserNamed", "Command", "Command", "Command"
+        "Command", "UserNamed", "Command", "Command"
     ]  # fmt: skip
+    assert result.steps[0].to_server == b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n"
     assert [type(e).__name__ for e in result.steps[1].events] == [
         "Greeting",
         "Response", "CommandCompleted",
         "Response", "LoginSucceeded", "CommandCompleted",
         "LocalReply", "CommandCompleted",
-        "Response", "CommandCompleted",
+        "Command",
     ]  # fmt: skip
+    assert result.steps[1].to_server == b"QUIT\r\n"
+    assert [type(e).__name__ for e in result.steps[2].events] == ["Response", "CommandCompleted"]
     assert result.state is State.UPDATE
 
 
@@ -1286,3 +1290,57 @@ def test_tab_separated_credential_stays_secret(line: bytes) -> None:
     shown = " ".join(repr(e) for e in result.events).upper()
     assert PASSWORD.upper() not in shown
     assert b64(b"\0alice\0" + PASSWORD.encode()).decode().upper() not in shown
+
+
+# ---------------------------------------------------------------------------- pipelined QUIT
+
+
+def test_pipelined_quit_waits_for_the_replies_before_it() -> None:
+    conversation = Pop3Conversation()
+    for step in login():
+        (conversation.receive_client if step[0] == "C" else conversation.receive_server)(step[1])
+    conversation.take_upstream_bytes()
+    conversation.take_client_bytes()
+    events = conversation.receive_client(b"RETR 1\r\nquit\r\n")
+    assert [e.verb for e in events if isinstance(e, Command)] == ["RETR"]
+    assert conversation.take_upstream_bytes() == b"RETR 1\r\n"
+    assert conversation.client_paused
+    conversation.receive_server(b"+OK 5 octets\r\nabc\r\n")  # the body is not complete yet
+    assert conversation.client_paused
+    conversation.receive_server(b".\r\n")
+    assert not conversation.client_paused
+    assert conversation.client_backlog
+    assert [e.verb for e in conversation.receive_client(b"") if isinstance(e, Command)] == [
+        "QUIT"
+    ]
+    assert conversation.take_upstream_bytes() == b"quit\r\n"
+    assert not conversation.client_backlog
+
+
+@pytest.mark.parametrize(
+    "line", [b"QUIT\r\n", b"QUIT\n", b"QUIT now\r\n", b"QUIT\tnow\r\n", b"Quit\r\n"]
+)
+def test_quit_with_nothing_pending_goes_at_once(line: bytes) -> None:
+    conversation = Pop3Conversation()
+    conversation.receive_server(GREETING)
+    conversation.receive_client(line)
+    assert conversation.take_upstream_bytes() == line
+    assert not conversation.client_paused
+
+
+@pytest.mark.parametrize("line", [b"QUITE\r\n", b"NOOP\r\n", b"QUI\r\n"])
+def test_only_quit_is_held(line: bytes) -> None:
+    conversation = Pop3Conversation()
+    conversation.receive_server(GREETING)
+    conversation.receive_client(b"NOOP\r\n" + line)
+    assert conversation.take_upstream_bytes() == b"NOOP\r\n" + line
+
+
+def test_a_quit_line_inside_a_sasl_exchange_is_sasl_data() -> None:
+    conversation = Pop3Conversation()
+    conversation.receive_server(GREETING)
+    conversation.receive_client(b"AUTH LOGIN\r\n")
+    conversation.receive_server(b"+ VXNlcm5hbWU6\r\n")
+    events = conversation.receive_client(b"QUIT\r\n")  # a (strange) user name, not a command
+    assert conversation.take_upstream_bytes() == b"AUTH LOGIN\r\nQUIT\r\n"
+    assert not any(isinstance(e, Command) and e.verb == "QUIT" for e in events)
