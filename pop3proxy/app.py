@@ -54,8 +54,13 @@ class AppContext:
 #: returns at once (after ``started()``) when the settings do not switch it on.
 Service = Callable[[AppContext, trio.TaskStatus[None]], Awaitable[None]]
 
+async def telemetry_service(context: AppContext, task_status: trio.TaskStatus[None]) -> None:
+    """Session events reach the log, metrics, feed and inventory in batches (see telemetry)."""
+    await context.telemetry.deliver_in_batches(task_status)
+
+
 #: Started in this order before the POP3 listener; stopped when it stops.
-SERVICES: list[Service] = [inventory_service, admin_service]
+SERVICES: list[Service] = [telemetry_service, inventory_service, admin_service]
 
 
 async def run(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
@@ -86,6 +91,7 @@ async def run(settings: Settings, reload: Callable[[], Settings] | None = None) 
                     )
 
             context.listeners = await sessions.start(accept)
+        telemetry.flush()  # the last sessions' events, while every sink is still there
         _log.info("proxy.stopped", reason="drained" if context.draining else "stopped")
         services.cancel_scope.cancel()
 

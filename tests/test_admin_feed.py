@@ -16,6 +16,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from pop3proxy.admin.feed import QUEUE_SIZE
+from pop3proxy.telemetry import BATCH_LIMIT
 from tests.peers.dovecot import Dovecot, Mailbox, MailboxFactory
 from tests.test_admin import AdminProxy, start_admin_proxy, value, wait_until
 
@@ -306,3 +308,8 @@ def test_browsers_from_other_origins_and_broken_upgrades_are_refused(
     assert upgrade(admin, Sec_WebSocket_Key="").startswith(b"HTTP/1.1 400 ")
     assert upgrade(admin, Sec_WebSocket_Version="8").startswith(b"HTTP/1.1 426 ")
     assert upgrade(admin, "/nope").startswith(b"HTTP/1.1 404 ")
+
+
+def test_a_command_batch_fits_twice_in_a_watchers_queue() -> None:
+    """A watcher that keeps up takes each batch before the next: two must fit (no drops)."""
+    assert 2 * BATCH_LIMIT <= QUEUE_SIZE
