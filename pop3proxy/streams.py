@@ -19,8 +19,9 @@ returns ``b""`` at a clean end and raises :class:`trio.BrokenResourceError` othe
 a TCP close without ``close_notify``, RFC 8446 section 6.1); every call can be cancelled; a
 send interrupted half-way leaves the stream broken. They differ in one way, on purpose: a
 ``send_all`` that the kernel accepts at once, and a ``receive_some`` that finds data already
-decrypted, do not yield to the scheduler. Each relay pump waits for its peer's next read on
-every round, and that wait is the round's scheduling point.
+decrypted, do not yield to the scheduler or look for a cancellation. Each relay pump waits
+for its peer's next read on every round, and that wait is the round's scheduling point and
+cancellation point.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import trio
 from trio.lowlevel import (
     ParkingLot,
     checkpoint,
-    checkpoint_if_cancelled,
     notify_closing,
     wait_readable,
     wait_writable,
@@ -87,7 +87,6 @@ class SocketStream(trio.abc.HalfCloseableStream):
         """Hand all of ``data`` to the kernel; waits only while its send buffer is full."""
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
-        await checkpoint_if_cancelled()
         sock = self.socket
         try:
             sent = sock.send(data)
@@ -205,7 +204,6 @@ class TLSStream(trio.abc.Stream):
         """
         max_bytes = max_bytes or RECEIVE_SIZE
         self._check_usable()
-        await checkpoint_if_cancelled()
         while True:
             plaintext = self._decrypt_buffered(max_bytes)
             if self._outgoing.pending:  # the read produced an answer (TLS 1.3 KeyUpdate)
@@ -216,7 +214,6 @@ class TLSStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_usable()
-        await checkpoint_if_cancelled()
         try:
             with memoryview(data) as view:
                 written = 0
