@@ -196,6 +196,20 @@ def _gates_command(events: list[Event]) -> bool:
     return UserNamed in map(type, events)
 
 
+def _command_fields(session_id: str, event: CommandCompleted, duration: float) -> dict[str, Any]:
+    """The ``pop3.command`` line: one per command, so built in the telemetry batch."""
+    command, status = event.command, event.status
+    return {
+        "session_id": session_id,
+        "verb": command.verb,
+        "args": command.loggable_args(),
+        "status": status.indicator,
+        "code": status.code,
+        "reply_octets": event.reply_octets,
+        "duration_ms": round(duration * 1000, 3),
+    }
+
+
 def _delays_reply(events: list[Event]) -> bool:
     """Whether observing ``events`` may hold back the reply (a failed login's penalty)."""
     return LoginFailed in map(type, events)
@@ -576,18 +590,9 @@ class _Relay:
         self.stats.command_started[event.seq] = trio.current_time()
 
     def _on_completed(self, event: CommandCompleted) -> None:
-        command, status = event.command, event.status
-        started = self.stats.command_started.pop(command.seq, None)
+        started = self.stats.command_started.pop(event.command.seq, None)
         duration = trio.current_time() - started if started is not None else 0.0
-        self.log.info(
-            "pop3.command",
-            verb=command.verb,
-            args=command.loggable_args(),
-            status=status.indicator,
-            code=status.code,
-            reply_octets=event.reply_octets,
-            duration_ms=round(duration * 1000, 3),
-        )
+        self.log.info_lazily("pop3.command", _command_fields, event, duration)
 
     def _on_login_ok(self, event: LoginSucceeded) -> None:
         self.stats.user = event.user

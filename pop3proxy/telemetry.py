@@ -52,6 +52,8 @@ def log_sink(event: str, level: str, fields: Mapping[str, Any]) -> None:
         _log.log(number, event, **fields)
 
 
+#: Makes an event's fields from what the caller had at hand (see ``publish_lazily``).
+FieldBuilder = Callable[..., dict[str, Any]]
 #: Rewrites an event's fields for every consumer, e.g. user names to keyed pseudonyms.
 FieldTransform = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 
@@ -72,7 +74,7 @@ class Telemetry:
         self.transform = transform
         self.errors = 0
         #: Events waiting for the next batch; None: delivered as they are published.
-        self._batch: list[tuple[str, str, dict[str, Any]]] | None = None
+        self._batch: list[tuple[str, str, FieldBuilder, tuple[Any, ...]]] | None = None
         #: Where the batch task waits for a batch to begin.
         self._batch_begun = trio.lowlevel.ParkingLot()
 
@@ -93,7 +95,7 @@ class Telemetry:
                 self.flush()
             self._deliver(event, level, fields)
             return
-        batch.append((event, level, fields))
+        batch.append((event, level, dict, (fields,)))
         if len(batch) >= BATCH_LIMIT:
             self.flush()
         elif self._batch_begun:  # the first of a batch: start its timer
@@ -104,8 +106,24 @@ class Telemetry:
         batch = self._batch
         if batch:
             self._batch = []
-            for event, level, fields in batch:
-                self._deliver(event, level, fields)
+            for event, level, build, args in batch:
+                self._deliver(event, level, build(*args))
+
+    def publish_lazily(self, event: str, level: str, build: FieldBuilder, *args: Any) -> None:
+        """:meth:`publish` the fields ``build(*args)`` returns, built when delivered.
+
+        A batched event then costs its caller one list append; building its fields runs
+        with the rest of the batch.
+        """
+        batch = self._batch
+        if batch is None or event not in BATCHED_EVENTS:
+            self.publish(event, level, build(*args))
+            return
+        batch.append((event, level, build, args))
+        if len(batch) >= BATCH_LIMIT:
+            self.flush()
+        elif self._batch_begun:
+            self._batch_begun.unpark()
 
     async def deliver_in_batches(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -156,6 +174,10 @@ class SessionTelemetry:
 
     def error(self, event: str, **fields: Any) -> None:
         self._publish(event, "error", fields)
+
+    def info_lazily(self, event: str, build: FieldBuilder, *args: Any) -> None:
+        """An info event whose fields are ``build(session_id, *args)``, built when delivered."""
+        self.telemetry.publish_lazily(event, "info", build, self.session_id, *args)
 
     def exception(self, event: str, **fields: Any) -> None:
         """An error with the traceback being handled (rendered without local variables).

@@ -255,8 +255,11 @@ async def test_a_new_watcher_starts_with_the_open_sessions(
         session_id = await trio.to_thread.run_sync(admin.proxy.session_id_for, pop.local_port)
         for line in (f"USER {box.user}", f"PASS {box.password}"):
             assert (await trio.to_thread.run_sync(pop.command, line)).startswith(b"+OK")
+        # The PASS line is logged once its batch is delivered (telemetry.BATCH_INTERVAL).
         await trio.to_thread.run_sync(
-            admin.proxy.wait_for_event, "pop3.login", lambda e: e.get("session_id") == session_id
+            admin.proxy.wait_for_event,
+            "pop3.command",
+            lambda e: e.get("session_id") == session_id and e.get("verb") == "PASS",
         )
         async with open_websocket_url(events_url(admin), connect_timeout=5) as ws:
             snapshot = json.loads(await ws.get_message())
