@@ -58,6 +58,11 @@ FieldBuilder = Callable[..., dict[str, Any]]
 FieldTransform = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 
 
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    """The builder of fields that are already built."""
+    return fields
+
+
 class Telemetry:
     """The fan-out point. ``emit`` is called on the relay's hot path: keep sinks cheap.
 
@@ -89,13 +94,21 @@ class Telemetry:
 
     def publish(self, event: str, level: str, fields: dict[str, Any]) -> None:
         """:meth:`emit` with the fields as a dict the caller hands over (it is modified)."""
+        self.publish_lazily(event, level, _given, fields)
+
+    def publish_lazily(self, event: str, level: str, build: FieldBuilder, *args: Any) -> None:
+        """:meth:`publish` the fields ``build(*args)`` returns, built when delivered.
+
+        A batched event then costs its caller one list append; building its fields runs
+        with the rest of the batch.
+        """
         batch = self._batch
         if batch is None or event not in BATCHED_EVENTS:
             if batch:
                 self.flush()
-            self._deliver(event, level, fields)
+            self._deliver(event, level, build(*args))
             return
-        batch.append((event, level, dict, (fields,)))
+        batch.append((event, level, build, args))
         if len(batch) >= BATCH_LIMIT:
             self.flush()
         elif self._batch_begun:  # the first of a batch: start its timer
@@ -108,22 +121,6 @@ class Telemetry:
             self._batch = []
             for event, level, build, args in batch:
                 self._deliver(event, level, build(*args))
-
-    def publish_lazily(self, event: str, level: str, build: FieldBuilder, *args: Any) -> None:
-        """:meth:`publish` the fields ``build(*args)`` returns, built when delivered.
-
-        A batched event then costs its caller one list append; building its fields runs
-        with the rest of the batch.
-        """
-        batch = self._batch
-        if batch is None or event not in BATCHED_EVENTS:
-            self.publish(event, level, build(*args))
-            return
-        batch.append((event, level, build, args))
-        if len(batch) >= BATCH_LIMIT:
-            self.flush()
-        elif self._batch_begun:
-            self._batch_begun.unpark()
 
     async def deliver_in_batches(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
