@@ -54,6 +54,7 @@ class AppContext:
 #: returns at once (after ``started()``) when the settings do not switch it on.
 Service = Callable[[AppContext, trio.TaskStatus[None]], Awaitable[None]]
 
+
 async def telemetry_service(context: AppContext, task_status: trio.TaskStatus[None]) -> None:
     """Session events reach the log, metrics, feed and inventory in batches (see telemetry)."""
     await context.telemetry.deliver_in_batches(task_status)

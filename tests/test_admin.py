@@ -225,9 +225,7 @@ def test_plain_and_malformed_requests_get_proper_answers(admin: AdminProxy) -> N
 # -- metrics ------------------------------------------------------------------------------------
 
 
-def test_metrics_move_as_a_poplib_session_runs(
-    admin: AdminProxy, mailbox: MailboxFactory
-) -> None:
+def test_metrics_move_as_a_poplib_session_runs(admin: AdminProxy, mailbox: MailboxFactory) -> None:
     message = make_message(48 * KIB, subject="metrics")
     box = mailbox([message])
     before = admin.scrape()
@@ -334,9 +332,7 @@ def test_client_networks_are_the_configured_ones(dovecot: Dovecot, tmp_path: Pat
         for _ in range(2):
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
                 assert sock.recv(512).startswith(b"-ERR")
-        wait_until(
-            lambda: len(proxy.find_events("session.closed")) == 2, "both sessions to close"
-        )
+        wait_until(lambda: len(proxy.find_events("session.closed")) == 2, "both sessions to close")
         samples = admin.scrape()
         text = admin.request("/metrics").body.decode()
     networks = {

@@ -281,9 +281,7 @@ def upgrade(admin: AdminProxy, path: str = "/events", **headers: str) -> bytes:
         "Sec-WebSocket-Version": "13",
     }
     fields.update({k.replace("_", "-"): v for k, v in headers.items()})
-    head = f"GET {path} HTTP/1.1\r\n" + "".join(
-        f"{k}: {v}\r\n" for k, v in fields.items() if v
-    )
+    head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items() if v)
     with socket.create_connection((admin.host, admin.port), timeout=TIMEOUT) as sock:
         sock.sendall((head + "\r\n").encode())
         answer = b""

@@ -131,8 +131,8 @@ class _Phase:
         return Verdict("allow")
 
     def on_login(self, client: IPAddress, user: str, now: dt.datetime) -> Verdict:
-        return Verdict("warn", reason="phase", notice="migrate") if user == "old" else Verdict(
-            "allow"
+        return (
+            Verdict("warn", reason="phase", notice="migrate") if user == "old" else Verdict("allow")
         )
 
 

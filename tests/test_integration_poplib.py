@@ -503,7 +503,7 @@ def test_pipelined_batch_is_byte_identical_to_direct(
                 if e.get("event") in {"upstream.truncated", "session.closed"}]  # fmt: skip
         pytest.fail(
             f"proxied {len(proxied_replies)} octets, direct {len(direct_replies)}; "
-            f"missing tail {direct_replies[len(proxied_replies):][:60]!r}; proxy: {seen}"
+            f"missing tail {direct_replies[len(proxied_replies) :][:60]!r}; proxy: {seen}"
         )
 
     replies = split_replies(proxied_replies, [multi for _, multi in batch])

@@ -63,6 +63,7 @@ users = ["blocked-*"]
 phase = "deny"
 """
 
+
 class SourcePOP3(poplib.POP3):
     """poplib.POP3 from a chosen loopback source address."""
 

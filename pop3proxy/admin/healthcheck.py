@@ -61,7 +61,5 @@ def check(endpoint: Endpoint, *, timeout: float = 5.0, out: TextIO = sys.stdout)
         return EXIT_READY
     reason = detail.get("reason") or response.reason
     error = detail.get("error")
-    print(
-        f"not ready: HTTP {response.status} {reason}" + (f": {error}" if error else ""), file=out
-    )
+    print(f"not ready: HTTP {response.status} {reason}" + (f": {error}" if error else ""), file=out)
     return EXIT_NOT_READY

@@ -164,9 +164,7 @@ def _load_static() -> dict[str, bytes]:
 class AdminServer:
     """Routes and connection handling; one per admin listener."""
 
-    def __init__(
-        self, ctx: AppContext, metrics: Metrics, feed: Feed, readiness: Readiness
-    ) -> None:
+    def __init__(self, ctx: AppContext, metrics: Metrics, feed: Feed, readiness: Readiness) -> None:
         self.ctx = ctx
         self.metrics = metrics
         self.feed = feed

@@ -518,9 +518,7 @@ class InventoryStore:
             )
             try:
                 connection.executescript(SCHEMA)
-                connection.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1')"
-                )
+                connection.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1')")
             except BaseException:
                 connection.close()
                 raise

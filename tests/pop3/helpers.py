@@ -213,9 +213,7 @@ def _error_key(error: RemoteProtocolError | None) -> tuple[str, str, bytes] | No
     return (error.reason, error.side, error.reply_hint)
 
 
-def run_split(
-    transcript: Transcript, split: Split, *, factory: Factory = Pop3Conversation
-) -> Run:
+def run_split(transcript: Transcript, split: Split, *, factory: Factory = Pop3Conversation) -> Run:
     """Run ``transcript`` whole, then re-cut as ``split`` says, and assert nothing changed.
 
     Compared: the event sequence (adjacent body chunks merged), the octets forwarded in each

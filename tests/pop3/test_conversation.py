@@ -109,8 +109,10 @@ def test_greeting_with_apop_timestamp(split: Split) -> None:
     transcript: Transcript = [("S", GREETING)]
     result = run_split(transcript, split)
     assert result.events == [
-        Greeting(ok("POP3 server ready <1896.697170952@dbc.mailcom.com>"),
-                 "<1896.697170952@dbc.mailcom.com>")
+        Greeting(
+            ok("POP3 server ready <1896.697170952@dbc.mailcom.com>"),
+            "<1896.697170952@dbc.mailcom.com>",
+        )
     ]
     assert result.state is State.AUTHORIZATION
     assert_relayed_verbatim(result, transcript)
@@ -151,8 +153,10 @@ def test_user_pass_success(split: Split) -> None:
     user = Command(1, "USER", ("alice",))
     password = Command(2, "PASS", (Secret(PASSWORD),))
     assert result.events == [
-        Greeting(ok("POP3 server ready <1896.697170952@dbc.mailcom.com>"),
-                 "<1896.697170952@dbc.mailcom.com>"),
+        Greeting(
+            ok("POP3 server ready <1896.697170952@dbc.mailcom.com>"),
+            "<1896.697170952@dbc.mailcom.com>",
+        ),
         user,
         Response(user, ok(), multiline=False),
         CommandCompleted(user, ok(), 5),
@@ -982,9 +986,7 @@ def test_session_every_command_completed_once(split: Split) -> None:
         done = [e for e in step.events if isinstance(e, CommandCompleted)]
         assert sum(c.reply_octets for c in done) == len(step.to_client)
     assert result.upstream == client_input(SESSION).replace(b"STLS\r\n", b"")
-    assert result.downstream == GREETING + CAPA_FORWARDED + STLS_REFUSAL + server_input(
-        SESSION[5:]
-    )
+    assert result.downstream == GREETING + CAPA_FORWARDED + STLS_REFUSAL + server_input(SESSION[5:])
     assert result.state is State.UPDATE
 
 
@@ -1161,11 +1163,13 @@ def test_command_line_at_limit_is_accepted(split: Split) -> None:
 @pytest.mark.parametrize(
     ("line", "limit"),
     [
-        pytest.param(b"NOOP " + b"x" * (MAX_COMMAND_LINE - 6) + b"\r\n", MAX_COMMAND_LINE,
-                     id="command"),
+        pytest.param(
+            b"NOOP " + b"x" * (MAX_COMMAND_LINE - 6) + b"\r\n", MAX_COMMAND_LINE, id="command"
+        ),
         pytest.param(b"x" * 1000, MAX_COMMAND_LINE, id="no-newline"),
-        pytest.param(b"AUTH PLAIN " + b"A" * MAX_SASL_LINE + b"\r\n", MAX_SASL_LINE,
-                     id="auth-line"),
+        pytest.param(
+            b"AUTH PLAIN " + b"A" * MAX_SASL_LINE + b"\r\n", MAX_SASL_LINE, id="auth-line"
+        ),
     ],
 )
 def test_client_line_over_limit(line: bytes, limit: int) -> None:
@@ -1310,9 +1314,7 @@ def test_pipelined_quit_waits_for_the_replies_before_it() -> None:
     conversation.receive_server(b".\r\n")
     assert not conversation.client_paused
     assert conversation.client_backlog
-    assert [e.verb for e in conversation.receive_client(b"") if isinstance(e, Command)] == [
-        "QUIT"
-    ]
+    assert [e.verb for e in conversation.receive_client(b"") if isinstance(e, Command)] == ["QUIT"]
     assert conversation.take_upstream_bytes() == b"quit\r\n"
     assert not conversation.client_backlog
 

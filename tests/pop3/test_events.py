@@ -26,8 +26,17 @@ PASSWORD = "hunter2-secret"
 
 def test_secret_never_prints() -> None:
     secret = Secret(PASSWORD)
-    for shown in (str(secret), repr(secret), f"{secret}", f"{secret!r}", f"{secret:>20}",
-                  "%s" % secret, "{}".format(secret), repr([secret]), repr({"k": secret})):  # noqa: UP031, UP032
+    for shown in (
+        str(secret),
+        repr(secret),
+        f"{secret}",
+        f"{secret!r}",
+        f"{secret:>20}",
+        "%s" % secret,  # noqa: UP031
+        "{}".format(secret),  # noqa: UP032
+        repr([secret]),
+        repr({"k": secret}),
+    ):
         assert PASSWORD not in shown
         assert "***" in shown
     assert secret.reveal() == PASSWORD

@@ -28,9 +28,7 @@ from pop3proxy.pop3 import (
 from tests.pop3.helpers import Side, Step, merge_body_chunks
 
 EXAMPLES = int(os.environ.get("POP3PROXY_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(
-    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def b64(raw: bytes) -> bytes:
@@ -119,9 +117,7 @@ def _step(side: Side, lines: Sequence[bytes]) -> st.SearchStrategy[Step]:
 
 
 #: Plausible conversations: client and server steps in any order, partly garbage.
-conversations = st.lists(
-    st.one_of(_step("C", CLIENT_LINES), _step("S", SERVER_LINES)), max_size=30
-)
+conversations = st.lists(st.one_of(_step("C", CLIENT_LINES), _step("S", SERVER_LINES)), max_size=30)
 
 
 #: Command and reply pairs that make sense together, so that sessions reach every state.
@@ -281,9 +277,7 @@ def test_plausible_conversations_default_rewrites(steps: list[Step]) -> None:
 @given(st.one_of(conversations, sessions()))
 def test_plausible_conversations_verbatim(steps: list[Step]) -> None:
     # Without rewrites the engine is a pure relay of complete lines (and body octets).
-    fed = feed(
-        steps, Pop3Conversation(hidden_capabilities=frozenset(), local_replies={})
-    )
+    fed = feed(steps, Pop3Conversation(hidden_capabilities=frozenset(), local_replies={}))
     assert_broken_after_error(fed)
     assert fed.client_in.startswith(fed.upstream)
     assert fed.server_in.startswith(fed.downstream)
