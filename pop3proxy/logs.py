@@ -6,10 +6,15 @@ machine can recognise). :func:`redact_secrets` is the last processor before rend
 and catches what slipped through anyway: a ``Secret`` object, a key that names a
 credential, or a string that looks like a raw ``PASS``/``APOP``/``AUTH`` line.
 Tracebacks are rendered without local variables, which could hold a password.
+
+``--log-format console`` is for a terminal, and user names, arguments and server replies
+came from the network: its renderer shows control characters as escapes (``\\x1b``), so a
+client cannot drive the operator's terminal (JSON lines are escaped by ``json.dumps``).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import sys
@@ -18,11 +23,12 @@ from typing import Any, TextIO
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
-from structlog.typing import Processor
+from structlog.typing import EventDict, ExcInfo, Processor, WrappedLogger
 
 from pop3proxy.pop3 import Secret
+from pop3proxy.terminal import printable
 
-__all__ = ["LEVELS", "configure_logging", "redact_secrets"]
+__all__ = ["LEVELS", "PrintableConsoleRenderer", "configure_logging", "redact_secrets"]
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -75,6 +81,36 @@ def redact_secrets(
     return event_dict
 
 
+def _printable_traceback(out: TextIO, exc_info: ExcInfo) -> None:
+    """structlog's plain traceback, with control characters escaped (line breaks kept)."""
+    text = io.StringIO()
+    structlog.dev.plain_traceback(text, exc_info)
+    out.write(printable(text.getvalue(), keep="\n"))
+
+
+class PrintableConsoleRenderer:
+    """structlog's ``ConsoleRenderer`` for people, fed only printable text.
+
+    Every text key and value is escaped before rendering (values that are not text are
+    shown by their ``repr``, which escapes control characters itself); the renderer's own
+    colours are its only escape sequences.
+    """
+
+    def __init__(self) -> None:
+        self._render = structlog.dev.ConsoleRenderer(exception_formatter=_printable_traceback)
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
+        clean: EventDict = {
+            (printable(key) if isinstance(key, str) else key): (
+                printable(value, keep="\n" if key in {"exception", "stack"} else "")
+                if isinstance(value, str)
+                else value
+            )
+            for key, value in event_dict.items()
+        }
+        return self._render(logger, name, clean)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = sys.stdout) -> None:
     """Configure structlog and route stdlib logging (trio, trio-websocket) the same way.
 
@@ -94,7 +130,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = s
     renderer: Processor
     exceptions: list[Processor]
     if use_console:
-        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        renderer = PrintableConsoleRenderer()
         exceptions = []
     else:
         renderer = structlog.processors.JSONRenderer()

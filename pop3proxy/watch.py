@@ -28,8 +28,9 @@ from trio_websocket import (
 
 from pop3proxy.admin.healthcheck import base_url
 from pop3proxy.config import Endpoint
+from pop3proxy.terminal import printable
 
-__all__ = ["WatchError", "follow", "format_event", "run_watch"]
+__all__ = ["WatchError", "follow", "format_event", "json_line", "run_watch"]
 
 INITIAL_BACKOFF: Final = 0.5
 MAX_BACKOFF: Final = 10.0
@@ -45,8 +46,19 @@ class WatchError(Exception):
 
 def _clean(value: object) -> str:
     """``value`` as text with control characters escaped (no terminal escape sequences)."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(value if isinstance(value, str) else json.dumps(value, default=str))
+
+
+def json_line(record: str) -> str:
+    """A received JSON line for ``--json``, with what a terminal acts on as JSON escapes.
+
+    The proxy's ``json.dumps`` escapes every control character already; this holds for
+    any sender. In valid JSON such characters can only be inside strings, where ``\\u009b``
+    means the same, so a valid line stays valid and equal.
+    """
+    if record.isprintable():
+        return record
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in record)
 
 
 def _time(event: Mapping[str, Any]) -> str:
@@ -137,14 +149,14 @@ def format_event(event: Mapping[str, Any]) -> list[str]:
         text = render(event)
     else:
         skip = {"event", "level", "timestamp", "session_id"}
-        extra = " ".join(f"{k}={_clean(v)}" for k, v in event.items() if k not in skip)
+        extra = " ".join(f"{_clean(k)}={_clean(v)}" for k, v in event.items() if k not in skip)
         text = f"{_clean(name)} {extra}".rstrip()
     return [f"{_time(event)}  {session:<8}  {text}"]
 
 
 def _show(record: str, out: TextIO, *, as_json: bool) -> None:
     if as_json:
-        print(record, file=out, flush=True)
+        print(json_line(record), file=out, flush=True)
         return
     try:
         event = json.loads(record)

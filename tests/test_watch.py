@@ -5,6 +5,7 @@ status 0 on Ctrl-C (SIGINT).
 
 from __future__ import annotations
 
+import json
 import os
 import poplib
 import signal
@@ -19,7 +20,7 @@ from typing import IO
 
 import pytest
 
-from pop3proxy.watch import format_event
+from pop3proxy.watch import format_event, json_line
 from tests.peers.dovecot import Dovecot, Mailbox, MailboxFactory
 from tests.peers.proxy import ProxyProcess
 from tests.test_admin import REPO_ROOT, AdminProxy, start_admin_proxy
@@ -208,3 +209,33 @@ def test_watch_escapes_what_clients_sent() -> None:
     assert "\x1b" not in lines[0]
     assert "\x07" not in lines[0]
     assert "eve\\x1b[2J\\x07 USER failure" in lines[0]
+
+
+def test_watch_escapes_event_names_keys_and_values_it_does_not_know() -> None:
+    lines = format_event(
+        {
+            "event": "odd\x1b[2J",
+            "session_id": "s\x9b1",
+            "timestamp": "2026-01-01T00:00:00Z",
+            "key\x1b]0;t\x07": "value\u202e\x7f",
+            "nested": {"user": "eve\x1b[31m"},
+        }
+    )
+    assert len(lines) == 1
+    assert lines[0].isprintable()
+    assert "odd\\x1b[2J" in lines[0]
+    assert "s\\x9b1" in lines[0]
+    assert "key\\x1b]0;t\\x07=value\\u202e\\x7f" in lines[0]
+    assert "eve\\u001b[31m" in lines[0]  # a nested value is shown as JSON
+
+
+def test_watch_json_lines_reach_the_terminal_escaped_and_still_equal() -> None:
+    event = {"event": "pop3.login", "user": "eve\x9b2J\x7f\u202e\u2028\U000e0001", "n": 1}
+    raw = json.dumps(event, ensure_ascii=False)  # what a less careful sender would send
+    assert not raw.isprintable()
+    line = json_line(raw)
+    assert line.isprintable()
+    assert json.loads(line) == event
+    proper = json.dumps(event)  # what the proxy sends: already escaped, passed as it is
+    assert json_line(proper) is proper
+    assert json_line('{"broken": "\x1b[2J"').isprintable()  # not JSON: escaped all the same

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtensionOID
 from OpenSSL import SSL
 
+from pop3proxy.terminal import printable
 from pop3proxy.tls import UpstreamError, make_upstream_context, open_upstream
 
 if TYPE_CHECKING:
@@ -169,7 +170,9 @@ class CheckReport:
         warn = f", {self.warnings} warning(s)" if self.warnings else ""
         verdict = f"FAILED: {failures} check(s) failed{warn}" if failures else f"OK{warn}"
         lines += ["", f"Result: {verdict}"]
-        return "\n".join(lines) + "\n"
+        # The greeting, CAPA lines, replies, certificate names and error messages come from
+        # the server (or whoever answers in its place): no raw control characters.
+        return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def _b64_of_hex(digest: str) -> str:
@@ -579,18 +582,22 @@ def run_check(
 
 
 def read_password(source: str, stdin: TextIO | None = None) -> str:
-    """The password from file ``source``, or standard input for ``-``; one line ending removed."""
+    """The password from file ``source``, or standard input for ``-``; one line ending removed.
+
+    Errors never quote ``source``: a password typed where its file name belongs must not be
+    echoed (any readable file will do, e.g. ``<(pass show mail)``, a pipe).
+    """
     if source == "-":
         text = (stdin or sys.stdin).readline()
     else:
         try:
             text = Path(source).read_text(encoding="utf-8")
+        except ValueError as exc:  # a NUL in the name, or not UTF-8 (UnicodeDecodeError)
+            problem = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "not a file name"
+            raise UsageError(f"pop3proxy check: --password-file: {problem}") from None
         except OSError as exc:
-            raise UsageError(
-                f"pop3proxy check: --password-file {source}: {exc.strerror or exc}"
-            ) from None
-        except UnicodeDecodeError:
-            raise UsageError(f"pop3proxy check: --password-file {source}: not UTF-8") from None
+            why = exc.strerror or type(exc).__name__  # str(exc) would quote the name
+            raise UsageError(f"pop3proxy check: --password-file: cannot read it: {why}") from None
     password = text.removesuffix("\n").removesuffix("\r")
     if not password:
         raise UsageError("pop3proxy check: the password is empty")
