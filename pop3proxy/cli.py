@@ -400,7 +400,9 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
                 metavar=spec.metavar,
                 default=argparse.SUPPRESS,  # absent flags stay absent: env/file may apply
                 action="append" if spec.repeatable else "store",
-                help=_help_text(spec, command),
+                # A secret's refused flag is still parsed, to be refused with a message
+                # that says what to use (argparse would echo it as "unrecognized").
+                help=_help_text(spec, command) if spec.on_command_line else argparse.SUPPRESS,
             )
         for option in command.options:
             sub.add_argument(*option.flags, **option.kwargs)

@@ -15,6 +15,11 @@ unset.  A parser receives the raw value (a string from a flag or the environment
 type TOML produced) and returns the typed value or raises ``ValueError`` with a short problem
 description; :func:`load_settings` turns that into one :class:`ConfigError` whose one-line
 message names the setting, where the value came from, the value and the problem.
+
+Secrets are declared as such (``setting(..., secret=True)``): their value is never shown in
+an error, and the secret itself (a key, a token) is read from the environment only
+(``origins=ENV_ONLY``: a command line is visible to every local user, a config file to
+whoever reads it), while a setting that names the file holding it may come from anywhere.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from pop3proxy.migration.pseudonym import PseudonymKey, parse_pseudonym_key
+from pop3proxy.migration.pseudonym import (
+    PseudonymKey,
+    parse_pseudonym_key,
+    parse_pseudonym_key_file,
+)
 from pop3proxy.migration.rules import Rule, parse_rules
 from pop3proxy.policy import Network, parse_networks
 
@@ -98,12 +107,23 @@ class ConfigError(Exception):
     @property
     def label(self) -> str:
         """The flag, plus the env var or file key when the value came from one."""
-        flag = _flag_name(self.setting)
-        if self.origin is Origin.ENV:
-            return f"{flag} ({_env_name(self.setting)})"
-        if self.origin is Origin.FILE:
-            return f"{flag} ({self.setting} in {self.config_file})"
-        return flag
+        return _label(self.setting, self.origin, self.config_file)
+
+
+def _label(name: str, origin: Origin | None, config_file: Path | None) -> str:
+    """How an error names a setting: see :attr:`ConfigError.label`.
+
+    A setting read from the environment only has no flag: its env var names it.
+    """
+    flag = _flag_name(name)
+    spec = _BY_NAME.get(name)
+    if spec is not None and not spec.on_command_line and origin is not Origin.FLAG:
+        return f"{name} in {config_file}" if origin is Origin.FILE else spec.env_var
+    if origin is Origin.ENV:
+        return f"{flag} ({_env_name(name)})"
+    if origin is Origin.FILE:
+        return f"{flag} ({name} in {config_file})"
+    return flag
 
 
 class Origin(enum.Enum):
@@ -112,6 +132,14 @@ class Origin(enum.Enum):
     FLAG = "flag"
     ENV = "environment"
     FILE = "config file"
+
+
+#: Where most settings may come from.
+EVERY_ORIGIN: Final = frozenset(Origin)
+#: Where a secret itself may come from: not the command line (``ps`` and
+#: ``/proc/PID/cmdline`` show it to every local user), not the config file (often readable
+#: by many, checked in, or a ConfigMap).
+ENV_ONLY: Final = frozenset({Origin.ENV})
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +411,15 @@ class Setting:
     metavar: str
     default_text: str | None = None
     repeatable: bool = False
+    secret: bool = False
+    origins: frozenset[Origin] = EVERY_ORIGIN
+    refused: str = ""
+    excludes: str | None = None
+
+    @property
+    def on_command_line(self) -> bool:
+        """Whether the flag is accepted (a secret's flag only exists to refuse it)."""
+        return Origin.FLAG in self.origins
 
     @property
     def flag(self) -> str:
@@ -414,6 +451,10 @@ class _Declaration:
     metavar: str
     default_text: str | None
     repeatable: bool
+    secret: bool
+    origins: frozenset[Origin]
+    refused: str
+    excludes: str | None
 
 
 def _flag_name(name: str) -> str:
@@ -431,6 +472,10 @@ def setting(
     metavar: str,
     default_text: str | None = None,
     repeatable: bool = False,
+    secret: bool = False,
+    origins: frozenset[Origin] = EVERY_ORIGIN,
+    refused: str = "",
+    excludes: str | None = None,
 ) -> dict[str, object]:
     """The ``metadata`` that makes a :class:`Settings` field a setting.
 
@@ -444,8 +489,17 @@ def setting(
         default_text: shown instead of ``str(default)`` in ``--help``.
         repeatable: the flag may be given several times; the parser then gets a list (from
             the environment it gets one string, which list parsers split at commas).
+        secret: the value (a key, a token, or the name of the file holding one) never
+            appears in an error message; the parser's problem text must not quote it either.
+        origins: where the value may come from (:data:`ENV_ONLY` for a secret itself); a
+            value from elsewhere is a configuration error, and ``--help`` hides a refused flag.
+        refused: the problem shown for a value from a refused origin: what to use instead.
+        excludes: another setting that must not be given as well (two ways to give one key).
     """
-    return {_SPEC_KEY: _Declaration(parse, help, metavar, default_text, repeatable)}
+    declaration = _Declaration(
+        parse, help, metavar, default_text, repeatable, secret, origins, refused, excludes
+    )
+    return {_SPEC_KEY: declaration}
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,14 +737,33 @@ class Settings:
             metavar="SECONDS",
         ),
     )
+    user_pseudonym_key_file: PseudonymKey | None = field(
+        default=None,
+        metadata=setting(
+            parse_pseudonym_key_file,
+            "file holding the secret key (16 to 4096 octets, e.g. from 'openssl rand -hex 32') "
+            "for HMAC-SHA256 pseudonyms of user names in the log, the live feed and the "
+            "inventory; a missing, empty or unreadable file stops the proxy; or give the key "
+            "itself in the environment variable POP3PROXY_USER_PSEUDONYM_KEY",
+            metavar="FILE",
+            default_text="none: user names in clear",
+            secret=True,
+        ),
+    )
     user_pseudonym_key: PseudonymKey | None = field(
         default=None,
         metadata=setting(
             parse_pseudonym_key,
-            "key file (or key of 16+ characters) for HMAC-SHA256 pseudonyms of user names in "
-            "the inventory and the logs",
-            metavar="FILE",
-            default_text="none: user names in clear",
+            "the pseudonym key itself, from the environment only",
+            metavar="KEY",
+            default_text="none",
+            secret=True,
+            origins=ENV_ONLY,
+            refused="the key itself is read only from the environment variable "
+            "POP3PROXY_USER_PSEUDONYM_KEY (a command line is visible to every local user, a "
+            "config file to whoever reads it); or put it in a file and give "
+            "--user-pseudonym-key-file FILE",
+            excludes="user_pseudonym_key_file",
         ),
     )
     rules: tuple[Rule, ...] = field(
@@ -747,6 +820,11 @@ class Settings:
         return self.upstream.host
 
     @property
+    def pseudonym_key(self) -> PseudonymKey | None:
+        """The key for user-name pseudonyms, from its file or the environment; None: none."""
+        return self.user_pseudonym_key_file or self.user_pseudonym_key
+
+    @property
     def minimum_tls_version(self) -> ssl.TLSVersion:
         """:attr:`tls_min_version` as the value for ``ssl.SSLContext.minimum_version``."""
         return ssl.TLSVersion.TLSv1_3 if self.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
@@ -766,6 +844,10 @@ def _table() -> tuple[Setting, ...]:
                 metavar=declaration.metavar,
                 default_text=declaration.default_text,
                 repeatable=declaration.repeatable,
+                secret=declaration.secret,
+                origins=declaration.origins,
+                refused=declaration.refused,
+                excludes=declaration.excludes,
             )
         )
     return tuple(table)
@@ -878,6 +960,7 @@ def load_settings(
             file_values = _read_config_file(config_path, origin)
 
     values: dict[str, Any] = {}  # checked by each setting's parser
+    origins: dict[str, Origin] = {}
     for spec in SETTINGS:
         if not wanted(spec.name):
             continue
@@ -888,12 +971,8 @@ def load_settings(
             value = defaults.get(spec.name, spec.default)
         else:
             raw, origin = found
-            try:
-                value = spec.parse(raw)
-            except ValueError as exc:
-                raise ConfigError(
-                    spec.name, f"{_show(raw)}: {exc}", origin=origin, config_file=config_path
-                ) from None
+            origins[spec.name] = origin
+            value = _parse_value(spec, raw, origin, config_path)
         if value is None and spec.name in required:
             raise ConfigError(
                 spec.name,
@@ -901,4 +980,32 @@ def load_settings(
                 f"or set {spec.name} in the config file",
             )
         values[spec.name] = value
+    _check_exclusions(origins, config_path)
     return dataclasses.replace(Settings(), **values)
+
+
+def _parse_value(spec: Setting, raw: object, origin: Origin, config_path: Path | None) -> object:
+    """``spec.parse(raw)``, or the one-line :class:`ConfigError` (never echoing a secret)."""
+    if origin not in spec.origins:
+        problem = spec.refused or f"not accepted from the {origin.value}"
+        raise ConfigError(spec.name, problem, origin=origin, config_file=config_path)
+    try:
+        return spec.parse(raw)
+    except ValueError as exc:
+        shown = "" if spec.secret else f"{_show(raw)}: "
+        raise ConfigError(
+            spec.name, f"{shown}{exc}", origin=origin, config_file=config_path
+        ) from None
+
+
+def _check_exclusions(origins: Mapping[str, Origin], config_path: Path | None) -> None:
+    """Two settings that give the same thing (a key, or its file) must not both be given."""
+    for spec in SETTINGS:
+        other = spec.excludes
+        if other is not None and spec.name in origins and other in origins:
+            raise ConfigError(
+                spec.name,
+                f"give it one way only, not also as {_label(other, origins[other], config_path)}",
+                origin=origins[spec.name],
+                config_file=config_path,
+            )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -411,3 +414,170 @@ def test_first_bad_setting_wins_and_later_sources_are_not_consulted() -> None:
     assert load_error({}, {"POP3PROXY_LOG_LEVEL": "loud"}).setting == "log_level"
     settings = load_settings({"log_level": "debug"}, {"POP3PROXY_LOG_LEVEL": "loud"})
     assert settings.log_level == "debug"
+
+
+# --- secrets: the user-name pseudonym key ---------------------------------------------------------
+
+KEY = "0123456789abcdef-a-secret-key"
+#: Settings whose value is (or names the file of) a secret; a new one must be declared secret.
+_SECRET_WORDS = ("key", "token", "password", "secret", "credential")
+
+
+def test_every_secret_setting_is_declared_secret() -> None:
+    """The class guard: a setting named like a secret never echoes its value in an error."""
+    named = {s.name for s in SETTINGS if any(word in s.name for word in _SECRET_WORDS)}
+    assert named >= {"user_pseudonym_key", "user_pseudonym_key_file"}
+    assert {s.name for s in SETTINGS if s.secret} == named
+    for spec in SETTINGS:
+        if spec.secret and not spec.on_command_line:
+            assert spec.refused  # says what to use instead
+
+
+def _key_problem(tmp_path: Path, make: str) -> tuple[str, str]:
+    """A bad key file value of kind ``make``, and the problem expected for it."""
+    path = tmp_path / "pseudonym.key"
+    if make == "missing":
+        return str(tmp_path / "unmounted" / "key"), "no such file (is the secret mounted?)"
+    if make == "directory":  # a secret volume mounted without the key in it
+        return str(tmp_path), "is a directory, expected a file holding the key"
+    if make == "fifo":
+        os.mkfifo(path)
+        return str(path), "not a regular file, expected a file holding the key"
+    if make == "nul":
+        return f"{tmp_path}/x\0y", "not a valid file name"
+    if make == "empty name":
+        return "", "empty: expected the name of a file holding the key"
+    contents = {
+        "empty": (b"", "the key file is empty"),
+        "blank": (b" \n\t\n", "the key file is empty"),
+        "short": (b"short-key\n", "the key file holds fewer than 16 octets"),
+        "large": (b"k" * 4097, "the key file is larger than 4096 octets: not a key"),
+    }
+    data, problem = contents[make]
+    path.write_bytes(data)
+    return str(path), problem
+
+
+@pytest.mark.parametrize(
+    "make",
+    ["missing", "directory", "fifo", "nul", "empty name", "empty", "blank", "short", "large"],
+)
+def test_pseudonym_key_file_must_be_a_regular_file_with_a_key(tmp_path: Path, make: str) -> None:
+    raw, problem = _key_problem(tmp_path, make)
+    for flags, environ, label in (
+        ({"user_pseudonym_key_file": raw}, {}, "--user-pseudonym-key-file"),
+        (
+            {},
+            {"POP3PROXY_USER_PSEUDONYM_KEY_FILE": raw} if raw else {},
+            "--user-pseudonym-key-file (POP3PROXY_USER_PSEUDONYM_KEY_FILE)",
+        ),
+    ):
+        if not raw and not flags:
+            continue  # an empty env var counts as unset
+        error = load_error(flags, environ)
+        assert error.setting == "user_pseudonym_key_file"
+        message = str(error)
+        assert message.startswith(f"pop3proxy: {label}: ")
+        assert problem in message
+        assert "\n" not in message
+        if raw:
+            assert raw not in message  # the value is never echoed: it may be a key
+
+
+def test_unreadable_pseudonym_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "pseudonym.key"
+    path.write_text(KEY)
+    real_open = Path.open
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> object:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(Path, "open", refuse)
+    message = str(load_error({"user_pseudonym_key_file": str(path)}))
+    assert message.endswith("cannot read the key file: Permission denied")
+    assert str(path) not in message
+
+
+def test_pseudonym_key_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "pseudonym.key"
+    path.write_text(f"  {KEY}\n")
+    from_file = load_settings({"user_pseudonym_key_file": str(path)}, {}).pseudonym_key
+    assert from_file is not None
+    assert (from_file.value, from_file.source) == (KEY.encode(), "file")
+    assert KEY not in repr(from_file)
+    from_env = load_settings({}, {"POP3PROXY_USER_PSEUDONYM_KEY": KEY}).pseudonym_key
+    assert from_env is not None
+    assert (from_env.value, from_env.source) == (KEY.encode(), "environment")
+    config = write_toml(tmp_path, f'user_pseudonym_key_file = "{path}"\n')
+    from_toml = load_settings({"config": str(config)}, {}).pseudonym_key
+    assert from_toml is not None
+    assert from_toml.value == KEY.encode()
+    assert load_settings({}, {}).pseudonym_key is None
+
+
+def test_the_key_itself_is_refused_on_the_command_line_and_in_the_file(tmp_path: Path) -> None:
+    error = load_error({"user_pseudonym_key": KEY})
+    message = str(error)
+    assert message.startswith("pop3proxy: --user-pseudonym-key: the key itself is read only ")
+    assert "POP3PROXY_USER_PSEUDONYM_KEY" in message
+    assert "--user-pseudonym-key-file FILE" in message
+    assert KEY not in message
+    config = write_toml(tmp_path, f'user_pseudonym_key = "{KEY}"\n')
+    message = str(load_error({"config": str(config)}))
+    assert message.startswith(f"pop3proxy: user_pseudonym_key in {config}: the key itself ")
+    assert KEY not in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("/run/secrets/pseudonym-key", "looks like a file name, not a key"),
+        ("./pseudonym.key-of-some-length", "looks like a file name, not a key"),
+        ("~/pseudonym.key-of-some-length", "looks like a file name, not a key"),
+        ("short-secret", "shorter than 16 octets"),
+    ],
+)
+def test_bad_key_in_the_environment_is_never_echoed(raw: str, problem: str) -> None:
+    message = str(load_error({}, {"POP3PROXY_USER_PSEUDONYM_KEY": raw}))
+    assert message.startswith("pop3proxy: POP3PROXY_USER_PSEUDONYM_KEY: ")
+    assert problem in message
+    assert raw not in message
+
+
+def test_the_key_is_given_one_way_only(tmp_path: Path) -> None:
+    path = tmp_path / "pseudonym.key"
+    path.write_text(KEY)
+    error = load_error(
+        {"user_pseudonym_key_file": str(path)}, {"POP3PROXY_USER_PSEUDONYM_KEY": KEY}
+    )
+    assert str(error) == (
+        "pop3proxy: POP3PROXY_USER_PSEUDONYM_KEY: give it one way only, not also as "
+        "--user-pseudonym-key-file"
+    )
+
+
+def test_serve_exits_2_on_an_unmounted_key_without_echoing_it(tmp_path: Path) -> None:
+    """The Kubernetes case: the secret's folder is there, the key file in it is not."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
+    for args in (
+        ["--user-pseudonym-key-file", str(tmp_path)],
+        ["--user-pseudonym-key-file", str(tmp_path / "key")],
+        ["--user-pseudonym-key", KEY],
+        ["--user-pseudonym-key", str(tmp_path / "key")],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "pop3proxy", "serve", "--upstream", "127.0.0.1:995", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            check=False,
+        )
+        assert done.returncode == 2, done
+        assert done.stdout == ""
+        assert done.stderr.count("\n") == 1
+        assert args[1] not in done.stderr
+        assert done.stderr.startswith(f"pop3proxy: {args[0]}: ")

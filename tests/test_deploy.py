@@ -69,7 +69,7 @@ SYSTEMD_CONFIG = DEPLOY / "systemd" / "pop3proxy.toml"
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 DEFAULT_DRAIN = next(s for s in SETTINGS if s.name == "drain_timeout").default
 #: Settings whose parser reads a file that exists only where the proxy is deployed.
-FILE_SETTINGS = frozenset({"upstream_ca_file", "user_pseudonym_key", "config"})
+FILE_SETTINGS = frozenset({"upstream_ca_file", "user_pseudonym_key_file", "config"})
 TIMEOUT = 30.0
 
 Manifest = dict[str, Any]

@@ -1,12 +1,32 @@
-"""``user_pseudonym_key``: user names in the log become keyed pseudonyms (GDPR/DSGVO)."""
+"""User-name pseudonyms (GDPR/DSGVO) end to end: the key from a file or the environment,
+and every name in the log replaced.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import poplib
 from pathlib import Path
 
+from pop3proxy.migration.pseudonym import Pseudonymizer
 from tests.peers.dovecot import Dovecot, MailboxFactory
 from tests.peers.proxy import ProxyProcess
+
+KEY = "a-test-key-of-sufficient-length"
+
+
+def _proxy(
+    dovecot: Dovecot, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> ProxyProcess:
+    return ProxyProcess(
+        tmp_path / "proxy.log",
+        upstream_port=dovecot.port,
+        ca_file=dovecot.ca_pem_path,
+        server_name=dovecot.server_name,
+        extra_args=list(args),
+        env=env,
+    )
 
 
 def test_user_names_are_pseudonymised_everywhere_in_the_log(
@@ -14,14 +34,8 @@ def test_user_names_are_pseudonymised_everywhere_in_the_log(
 ) -> None:
     box = mailbox([])
     key = tmp_path / "pseudonym.key"
-    key.write_text("a-test-key-of-sufficient-length\n")
-    with ProxyProcess(
-        tmp_path / "proxy.log",
-        upstream_port=dovecot.port,
-        ca_file=dovecot.ca_pem_path,
-        server_name=dovecot.server_name,
-        extra_args=["--user-pseudonym-key", str(key)],
-    ) as proxy:
+    key.write_text(KEY + "\n")
+    with _proxy(dovecot, tmp_path, "--user-pseudonym-key-file", str(key)) as proxy:
         pop = poplib.POP3("127.0.0.1", proxy.port, timeout=10)
         pop.user(box.user)
         pop.pass_(box.password)
@@ -32,8 +46,25 @@ def test_user_names_are_pseudonymised_everywhere_in_the_log(
         log = proxy.log_text()
 
     assert box.user not in log
-    pseudonym = login["user"]
-    assert isinstance(pseudonym, str)
-    assert pseudonym.startswith("u-")
+    pseudonym = Pseudonymizer(KEY.encode()).pseudonym(box.user)
+    assert login["user"] == pseudonym
     assert closed["user"] == pseudonym
     assert user_command["args"] == [pseudonym]
+    assert KEY not in log
+
+
+def test_the_key_itself_from_the_environment(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    box = mailbox([])
+    with _proxy(dovecot, tmp_path, env={"POP3PROXY_USER_PSEUDONYM_KEY": KEY}) as proxy:
+        pop = poplib.POP3("127.0.0.1", proxy.port, timeout=10)
+        pop.user(box.user)
+        pop.pass_(box.password)
+        pop.quit()
+        login = proxy.wait_for_event("pop3.login")
+        log = proxy.log_text()
+    mac = hmac.new(KEY.encode(), box.user.encode(), hashlib.sha256).hexdigest()
+    assert login["user"] == "u-" + mac[:24]
+    assert box.user not in log
+    assert KEY not in log

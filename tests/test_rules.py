@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 from pop3proxy.config import ConfigError, load_settings
-from pop3proxy.migration.pseudonym import Pseudonymizer, parse_pseudonym_key
+from pop3proxy.migration.pseudonym import (
+    Pseudonymizer,
+    parse_pseudonym_key,
+    parse_pseudonym_key_file,
+)
 from pop3proxy.migration.rules import (
     DEFAULT_DENY_MESSAGE,
     Rule,
@@ -275,12 +279,14 @@ def test_pseudonym_event_fields() -> None:
 def test_pseudonym_key_from_file_or_value(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_bytes(b"0123456789abcdef0123\n")
-    from_file = parse_pseudonym_key(str(key_file))
+    from_file = parse_pseudonym_key_file(str(key_file))
     assert from_file.value == b"0123456789abcdef0123"
     assert "0123456789" not in repr(from_file)
-    assert parse_pseudonym_key("an inline key of enough length").source == "inline"
-    with pytest.raises(ValueError, match="at least 16"):
+    assert parse_pseudonym_key("an inline key of enough length").source == "environment"
+    with pytest.raises(ValueError, match="shorter than 16"):
         parse_pseudonym_key("short")
+    with pytest.raises(ValueError, match="looks like a file name"):
+        parse_pseudonym_key(str(key_file))  # a file name is not taken as the key
     key_file.write_bytes(b"tiny")
     with pytest.raises(ValueError, match="fewer than 16"):
-        parse_pseudonym_key(str(key_file))
+        parse_pseudonym_key_file(str(key_file))

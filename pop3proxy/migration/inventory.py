@@ -664,7 +664,7 @@ class _Writer:
 
 
 def pseudonymizer_for(settings: Settings) -> Pseudonymizer | None:
-    key = settings.user_pseudonym_key
+    key = settings.pseudonym_key
     return None if key is None else Pseudonymizer(key)
 
 

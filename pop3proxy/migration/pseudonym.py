@@ -6,6 +6,11 @@ report`` shows pseudonyms; :meth:`Pseudonymizer.pseudonym` computes one), while 
 data alone does not reveal the names. A pseudonym is ``u-`` plus 24 hex digits (96 bits of
 the MAC). Applying the transform twice is harmless: a value that already has that form is
 left as it is, so the log and the inventory can both apply it.
+
+The key is secret: whoever has it can test names against the pseudonyms. It is read from a
+file (:func:`parse_pseudonym_key_file`, e.g. a mounted Kubernetes secret) or from the
+environment (:func:`parse_pseudonym_key`), never from the command line (``ps`` shows it to
+every local user), and no error message ever quotes it.
 """
 
 from __future__ import annotations
@@ -13,17 +18,31 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["MIN_KEY_LENGTH", "PseudonymKey", "Pseudonymizer", "parse_pseudonym_key"]
+__all__ = [
+    "MAX_KEY_FILE_OCTETS",
+    "MIN_KEY_LENGTH",
+    "PseudonymKey",
+    "Pseudonymizer",
+    "parse_pseudonym_key",
+    "parse_pseudonym_key_file",
+]
 
 MIN_KEY_LENGTH: Final = 16
-_PSEUDONYM = re.compile(r"u-[0-9a-f]{24}\Z")
+#: A key file larger than this is not a key file (a mistyped path to a log, a dump...).
+MAX_KEY_FILE_OCTETS: Final = 4096
 #: Commands whose first argument is the user name (AUTH arguments are SASL data, not names).
 _USER_VERBS: Final = frozenset({"USER", "APOP"})
+_PSEUDONYM = re.compile(r"u-[0-9a-f]{24}\Z")
+#: How a file name starts: such a value given as the key itself is almost surely a mistake
+#: (the setting for a file was meant), and using it as the key would make it public.
+_PATH_PREFIXES: Final = ("/", "./", "../", "~")
+_GENERATE: Final = "generate one with: openssl rand -hex 32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,44 +50,85 @@ class PseudonymKey:
     """The HMAC key; its ``repr`` never shows the key."""
 
     value: bytes = field(repr=False)
-    source: str = "inline"
+    source: str = "environment"
+
+
+def parse_pseudonym_key_file(raw: object) -> PseudonymKey:
+    """A setting parser: the name of a readable regular file that holds the key.
+
+    The file's contents, surrounding white space removed, are the key: at least
+    :data:`MIN_KEY_LENGTH` and at most :data:`MAX_KEY_FILE_OCTETS` octets. A missing file,
+    a directory (an unmounted secret volume), anything but a regular file, an unreadable,
+    empty or too short file is an error: the proxy must not run with user names in clear,
+    or with a guessable key, when a key was asked for.
+
+    Raises:
+        ValueError: with a short description of the problem (never quoting the value: a
+            key typed where its file name belongs must not end up in a log).
+    """
+    text = _string(raw, "the name of a file holding the key")
+    if not text:
+        raise ValueError("empty: expected the name of a file holding the key")
+    path = Path(text)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ValueError("no such file (is the secret mounted?)") from None
+    except ValueError:  # a NUL in the name
+        raise ValueError("not a valid file name") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read the key file: {_why(exc)}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ValueError("is a directory, expected a file holding the key")
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file, expected a file holding the key")
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_KEY_FILE_OCTETS + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read the key file: {_why(exc)}") from None
+    if len(data) > MAX_KEY_FILE_OCTETS:
+        raise ValueError(f"the key file is larger than {MAX_KEY_FILE_OCTETS} octets: not a key")
+    key = data.strip()
+    if not key:
+        raise ValueError(f"the key file is empty ({_GENERATE})")
+    if len(key) < MIN_KEY_LENGTH:
+        raise ValueError(f"the key file holds fewer than {MIN_KEY_LENGTH} octets ({_GENERATE})")
+    return PseudonymKey(key, source="file")
 
 
 def parse_pseudonym_key(raw: object) -> PseudonymKey:
-    """A setting parser: the name of a key file, or the key itself.
+    """A setting parser: the key itself (read from the environment only).
 
-    A value naming an existing file means that file's contents (surrounding white space
-    removed); anything else is the key. Either way the key must be at least
-    :data:`MIN_KEY_LENGTH` octets.
+    Surrounding white space is removed; the key must be at least :data:`MIN_KEY_LENGTH`
+    octets. A value that starts like a file name (``/``, ``./``, ``../``, ``~``) is refused:
+    the file setting was meant, and the file name as the key would let anyone who reads the
+    configuration reverse every pseudonym.
 
     Raises:
         ValueError: with a short description of the problem (never quoting the key).
     """
-    text = _text(raw).strip()
-    path = Path(text)
-    try:
-        is_file = bool(text) and path.is_file()
-    except OSError:  # a key that is not a valid path (too long, NUL...)
-        is_file = False
-    if is_file:
-        try:
-            key = path.read_bytes().strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read the key file: {exc.strerror or exc}") from None
-        if len(key) < MIN_KEY_LENGTH:
-            raise ValueError(f"the key file holds fewer than {MIN_KEY_LENGTH} octets")
-        return PseudonymKey(key, source=f"file {path}")
-    if len(text.encode()) < MIN_KEY_LENGTH:
+    text = _string(raw, "the key").strip()
+    if text.startswith(_PATH_PREFIXES):
         raise ValueError(
-            f"neither an existing key file nor a key of at least {MIN_KEY_LENGTH} characters"
+            "looks like a file name, not a key: give the file as --user-pseudonym-key-file "
+            "FILE (POP3PROXY_USER_PSEUDONYM_KEY_FILE)"
         )
-    return PseudonymKey(text.encode(), source="inline")
+    key = text.encode("utf-8", "surrogateescape")
+    if len(key) < MIN_KEY_LENGTH:
+        raise ValueError(f"shorter than {MIN_KEY_LENGTH} octets ({_GENERATE})")
+    return PseudonymKey(key, source="environment")
 
 
-def _text(raw: object) -> str:
+def _string(raw: object, what: str) -> str:
     if isinstance(raw, str):
         return raw
-    raise ValueError("expected a key file name or a key (a string)")
+    raise ValueError(f"expected {what} (a string)")
+
+
+def _why(exc: OSError) -> str:
+    """The OS's reason without the file name (``str(exc)`` would quote the value)."""
+    return exc.strerror or type(exc).__name__
 
 
 class Pseudonymizer:
