@@ -279,8 +279,25 @@ COMMANDS: tuple[Command, ...] = (
         "plaintext POP3, when last seen, how they log in, their phase under the configured "
         "rules, and totals per day.",
         run=run_report,
-        settings=("state_dir", "rules", "dry_run", "config"),
+        settings=(
+            "state_dir",
+            "rules",
+            "dry_run",
+            "user_pseudonym_key_file",
+            "user_pseudonym_key",
+            "config",
+        ),
         options=(
+            Option(
+                ("--user",),
+                {
+                    "dest": "user",
+                    "metavar": "NAME",
+                    "default": None,
+                    "help": "only user NAME and the clients that logged in or failed as NAME "
+                    "(with a pseudonym key: as its pseudonym)",
+                },
+            ),
             Option(
                 ("--format",),
                 {

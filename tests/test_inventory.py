@@ -9,6 +9,7 @@ sessions go on and the inventory catches up once it can write again.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import os
 import poplib
@@ -24,12 +25,15 @@ import pytest
 
 from pop3proxy.migration.inventory import (
     DATABASE_NAME,
+    MAX_FAILED_NAMES,
     Inventory,
     InventoryStore,
+    Tally,
     database_path,
     default_state_dir,
 )
 from pop3proxy.migration.pseudonym import Pseudonymizer
+from pop3proxy.telemetry import Telemetry
 from tests.peers.dovecot import Dovecot, Mailbox, MailboxFactory
 from tests.peers.proxy import ProxyProcess
 
@@ -103,18 +107,33 @@ def test_sink_aggregates_and_fingerprints() -> None:
     assert one.last_peer == "alice"
     assert (six.sessions, six.logins_failed) == (1, 1)
     assert six.fingerprints == {"AUTH PLAIN": 1}
-    assert batch.users["bob"].last_peer == "fd00::1"
+    assert six.failed_names == {"bob": (1, NOW)}
+    assert list(batch.users) == ["alice"]  # bob never logged in
+    assert batch.users["alice"].last_peer == "10.0.0.1"
     assert batch.daily[("2026-05-04", "client", "10.0.0.1")] == 2
     assert batch.daily[("2026-05-04", "user", "alice")] == 1
     assert inventory.sessions == {}
     assert not inventory.take()
 
 
-def test_sink_pseudonymises_users() -> None:
-    pseudonymizer = Pseudonymizer(b"0123456789abcdef")
-    inventory = Inventory(clock=lambda: NOW, pseudonymizer=pseudonymizer)
-    feed(
-        inventory,
+def keyed(
+    inventory: Inventory, key: bytes = b"0123456789abcdef"
+) -> tuple[Telemetry, Pseudonymizer]:
+    """The inventory behind the telemetry fan-out with a pseudonym key, as ``serve`` runs it."""
+    pseudonymizer = Pseudonymizer(key)
+    return Telemetry([inventory.sink], transform=pseudonymizer.event_fields), pseudonymizer
+
+
+def publish(telemetry: Telemetry, events: list[tuple[str, dict[str, Any]]]) -> None:
+    for event, fields in events:
+        telemetry.publish(event, "info", dict(fields))
+
+
+def test_users_are_pseudonymised_once_on_the_way_in() -> None:
+    inventory = Inventory(clock=lambda: NOW)
+    telemetry, pseudonymizer = keyed(inventory)
+    publish(
+        telemetry,
         session(
             "a",
             "10.0.0.1:5000",
@@ -125,6 +144,127 @@ def test_sink_pseudonymises_users() -> None:
     batch = inventory.take()
     assert list(batch.users) == [pseudonymizer.pseudonym("alice")]
     assert batch.clients["10.0.0.1"].last_peer == pseudonymizer.pseudonym("alice")
+
+
+def test_a_pseudonym_sent_as_a_name_is_pseudonymised_like_any_name() -> None:
+    """USER <alice's pseudonym> with a wrong password leaves alice's row alone."""
+    inventory = Inventory(clock=lambda: NOW)
+    telemetry, pseudonymizer = keyed(inventory)
+    alice = pseudonymizer.pseudonym("alice")
+    ok = {"user": "alice", "mechanism": "USER", "result": "success"}
+    publish(telemetry, session("a", "10.0.0.1:5000", [("USER", ["alice"])], ok))
+    for n, mechanism in enumerate(("USER", "APOP", "PLAIN", "XOAUTH2")):
+        spoof = {"user": alice, "mechanism": mechanism, "result": "failure"}
+        publish(telemetry, session(f"s{n}", "10.0.0.66:5000", [], spoof))
+    batch = inventory.take()
+    assert list(batch.users) == [alice]
+    assert (batch.users[alice].logins_ok, batch.users[alice].logins_failed) == (1, 0)
+    spoofer = batch.clients["10.0.0.66"]
+    assert spoofer.logins_failed == 4
+    assert list(spoofer.failed_names) == [pseudonymizer.pseudonym(alice)]
+    assert pseudonymizer.user(alice) != alice
+
+
+def junk_sessions(count: int, client: str = "10.0.0.9") -> list[tuple[str, dict[str, Any]]]:
+    """``count`` distinct never-authenticated names, through every way a name arrives."""
+    mechanisms = ("USER", "APOP", "PLAIN", "XOAUTH2", "CRAM-MD5")
+    events: list[tuple[str, dict[str, Any]]] = []
+    for n in range(count):
+        sid, name = f"junk{n}", f"junk-{n}"
+        events.append(("session.opened", {"session_id": sid, "client": f"{client}:{n + 1}"}))
+        events.append(("pop3.command", {"session_id": sid, "verb": "USER", "args": [name]}))
+        verdict = {"session_id": sid, "action": "warn", "rule": "r", "dry_run": n % 2 == 0}
+        events.append(("policy.verdict", {**verdict, "user": name}))
+        if n % 3 == 0:  # refused at USER, before the upstream saw a credential
+            refused = {"action": "deny", "reason": "phase", "rule": "r", "dry_run": False}
+            events.append(("policy.verdict", {"session_id": sid, **refused, "user": name}))
+        else:
+            result = "cancelled" if n % 3 == 1 and n % 2 else "failure"
+            mechanism = mechanisms[n % len(mechanisms)]
+            login = {"session_id": sid, "user": name, "mechanism": mechanism, "result": result}
+            events.append(("pop3.login", login))
+        closed = {"session_id": sid, "user": name, "bytes_from_client": 10, "bytes_to_client": 9}
+        events.append(("session.closed", closed))
+    return events
+
+
+def test_unauthenticated_names_create_no_user_rows(tmp_path: Path) -> None:
+    """500 distinct junk names: one client row, no user row, five failed names kept."""
+    inventory = Inventory(clock=lambda: NOW)
+    store = InventoryStore(str(tmp_path / DATABASE_NAME))
+    events = junk_sessions(500)
+    for start in range(0, len(events), 700):  # several batches: the store's cap holds too
+        feed(inventory, events[start : start + 700])
+        batch = inventory.take()
+        assert batch.users == {}
+        assert not [key for key in batch.daily if key[1] == "user"]
+        assert len(batch.clients["10.0.0.9"].failed_names) <= MAX_FAILED_NAMES
+        store.write(batch)
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        assert db.execute("SELECT count(*) FROM users").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM mechanisms WHERE kind = 'user'").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM fingerprints WHERE kind = 'user'").fetchone() == (
+            0,
+        )
+        assert db.execute("SELECT count(*) FROM daily WHERE kind = 'user'").fetchone() == (0,)
+        assert db.execute(
+            "SELECT sessions, logins_ok, logins_failed, denied FROM clients"
+        ).fetchall() == [(500, 0, 333, 167)]
+        names = db.execute("SELECT user, attempts FROM failed_names ORDER BY user").fetchall()
+    assert names == [(f"junk-{n}", 1) for n in range(495, 500)]
+    store.close()
+
+
+def test_failed_names_keep_the_most_recent_per_client() -> None:
+    tally = Tally(first_seen=NOW, last_seen=NOW)
+    for name in ["a", "b", "c", "a", "d", "e", "f", "g"]:
+        tally.failed_name(name, NOW)
+    assert list(tally.failed_names) == ["a", "d", "e", "f", "g"]
+    newer = Tally(first_seen=NOW, last_seen=NOW)
+    newer.failed_name("c", "2026-05-04T11:00:00Z")
+    newer.failed_name("g", "2026-05-04T11:00:00Z")
+    newer.merge_older(tally)
+    assert list(newer.failed_names.items()) == [
+        ("d", (1, NOW)),
+        ("e", (1, NOW)),
+        ("f", (1, NOW)),
+        ("c", (1, "2026-05-04T11:00:00Z")),
+        ("g", (2, "2026-05-04T11:00:00Z")),
+    ]
+
+
+def test_a_login_proves_the_name_and_its_verdicts(tmp_path: Path) -> None:
+    """A user row comes with the first successful login; then its failures count there too."""
+    inventory = Inventory(clock=lambda: NOW)
+    fail = {"user": "alice", "mechanism": "USER", "result": "failure"}
+    feed(inventory, session("a", "10.0.0.1:1", [("USER", ["alice"])], fail))
+    assert inventory.batch.users == {}
+    verdict = {"session_id": "b", "action": "warn", "rule": "nag", "dry_run": False}
+    ok = {"user": "alice", "mechanism": "PLAIN", "result": "success"}
+    feed(inventory, [("session.opened", {"session_id": "b", "client": "10.0.0.2:1"})])
+    feed(inventory, [("policy.verdict", {**verdict, "user": "alice"})])
+    feed(inventory, session("b", "10.0.0.2:1", [("AUTH", ["PLAIN", "***"])], ok)[1:])
+    feed(inventory, session("c", "10.0.0.3:1", [("USER", ["alice"])], fail))
+    batch = inventory.take()
+    alice = batch.users["alice"]
+    assert (alice.sessions, alice.logins_ok, alice.logins_failed) == (1, 1, 1)
+    assert (alice.warned, alice.last_action, alice.last_rule) == (1, "warn", "nag")
+    assert alice.last_peer == "10.0.0.2"  # the failure from 10.0.0.3 does not move it
+    assert alice.fingerprints == {"AUTH PLAIN": 1}
+    assert alice.bytes_to_client == 400
+    assert batch.clients["10.0.0.3"].failed_names == {"alice": (1, NOW)}
+
+    # A restarted proxy knows alice from the database.
+    store = InventoryStore(str(tmp_path / DATABASE_NAME))
+    store.write(batch)
+    restarted = Inventory(clock=lambda: NOW)
+    restarted.know_users(store.known_users())
+    assert restarted.known_users == {"alice"}
+    feed(restarted, session("d", "10.0.0.3:2", [("USER", ["alice"])], fail))
+    feed(restarted, session("e", "10.0.0.3:3", [("USER", ["bob"])], {**fail, "user": "bob"}))
+    assert list(restarted.batch.users) == ["alice"]
+    assert restarted.batch.users["alice"].logins_failed == 1
+    store.close()
 
 
 def test_sink_is_bounded_and_never_raises() -> None:
@@ -282,7 +422,9 @@ def test_inventory_through_the_proxy(
             db, "SELECT user, sessions, logins_ok, logins_failed, last_peer FROM users"
         )
     }
-    assert users == {alice.user: (2, 2, 0, "127.0.0.2"), bob.user: (2, 1, 1, "127.0.0.3")}
+    # bob's failed session is not one of his sessions, but it is his failure: he had
+    # logged in before (a name that never logged in gets no row at all).
+    assert users == {alice.user: (2, 2, 0, "127.0.0.2"), bob.user: (1, 1, 1, "127.0.0.3")}
     fingerprints = set(query(db, "SELECT kind, key, fingerprint, sessions FROM fingerprints"))
     assert fingerprints == {
         ("client", "127.0.0.2", "CAPA,USER,PASS", 1),
@@ -292,14 +434,79 @@ def test_inventory_through_the_proxy(
         ("user", alice.user, "CAPA,USER,PASS", 1),
         ("user", alice.user, "USER,PASS", 1),
         ("user", bob.user, "AUTH PLAIN", 1),
-        ("user", bob.user, "USER,PASS", 1),
     }
     mechanisms = set(query(db, "SELECT kind, key, mechanism, uses FROM mechanisms"))
     assert ("client", "127.0.0.3", "PLAIN", 1) in mechanisms
     assert ("client", "127.0.0.3", "USER", 1) in mechanisms
     assert ("user", alice.user, "USER", 2) in mechanisms
+    assert ("user", bob.user, "USER", 1) in mechanisms
     days = query(db, "SELECT kind, count(*), sum(sessions) FROM daily GROUP BY kind ORDER BY kind")
-    assert days == [("client", 2, 4), ("user", 2, 4)]
+    assert days == [("client", 2, 4), ("user", 2, 3)]
+    assert query(db, "SELECT address, user, attempts FROM failed_names") == [
+        ("127.0.0.3", bob.user, 1)
+    ]
+
+
+#: Refused names in the end-to-end bound test, three per session (``max_login_failures``).
+REFUSED_NAMES = 100
+
+
+def test_refused_names_through_the_proxy_create_no_user_rows(
+    dovecot: Dovecot, mailbox: MailboxFactory, tmp_path: Path
+) -> None:
+    """100 distinct names refused by Dovecot: no user row, five names kept for the client."""
+    state = tmp_path / "state"
+    db = state / DATABASE_NAME
+    box = mailbox()
+    args = ["--state-dir", str(state), "--inventory-flush-interval", "0.1"]
+    # No per-client lock-out or delay: all 100 must reach Dovecot, and quickly.
+    args += ["--client-login-failures", "1000", "--login-failure-delay", "0"]
+    with ProxyProcess(
+        tmp_path / "proxy.log",
+        upstream_port=dovecot.port,
+        ca_file=dovecot.ca_pem_path,
+        server_name=dovecot.server_name,
+        extra_args=args,
+    ) as proxy:
+        assert login_session(proxy.port, "127.0.0.2", box)
+        names = [f"junk-{n}" for n in range(REFUSED_NAMES)]
+
+        def refused(chunk: list[str]) -> list[bytes]:
+            pop = SourcePOP3("127.0.0.1", proxy.port, "127.0.0.3")
+            replies = []
+            try:
+                for name in chunk:
+                    pop.user(name)
+                    with pytest.raises(poplib.error_proto) as refusal:
+                        pop.pass_("Wrong-password-1")
+                    replies.append(refusal.value.args[0])
+            finally:
+                with contextlib.suppress(OSError, poplib.error_proto):
+                    pop.quit()
+                pop.close()
+            return replies
+
+        # Dovecot takes about 0.5 s to refuse a password: ten sessions at a time.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+            chunks = [names[start : start + 3] for start in range(0, len(names), 3)]
+            replies = [reply for done in pool.map(refused, chunks) for reply in done]
+        assert len(replies) == REFUSED_NAMES
+        assert all(reply.startswith(b"-ERR") for reply in replies)
+        wait_until(
+            "every refused login in the inventory",
+            lambda: (
+                query(db, "SELECT logins_failed FROM clients WHERE address = '127.0.0.3'")
+                == [(REFUSED_NAMES,)]
+            ),
+            timeout=30,
+        )
+        failures = proxy.find_events("pop3.login", lambda e: e.get("result") == "failure")
+        assert len(failures) == REFUSED_NAMES
+    assert query(db, "SELECT user, logins_ok, logins_failed FROM users") == [(box.user, 1, 0)]
+    assert query(db, "SELECT count(*) FROM daily WHERE kind = 'user'") == [(1,)]
+    kept = query(db, "SELECT user FROM failed_names WHERE address = '127.0.0.3'")
+    assert len(kept) == MAX_FAILED_NAMES
+    assert {name for (name,) in kept} <= set(names)
 
 
 def _make_read_only(path: Path) -> Callable[[], None]:

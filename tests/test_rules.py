@@ -250,7 +250,7 @@ def test_rule_describe() -> None:
 # -- pseudonyms ---------------------------------------------------------------------------------
 
 
-def test_pseudonyms_are_keyed_stable_and_idempotent() -> None:
+def test_pseudonyms_are_keyed_stable_and_never_skip_a_name() -> None:
     one = Pseudonymizer(b"k" * 16)
     other = Pseudonymizer(b"j" * 16)
     name = one.pseudonym("alice")
@@ -260,7 +260,8 @@ def test_pseudonyms_are_keyed_stable_and_idempotent() -> None:
     assert name.startswith("u-")
     assert len(name) == 26
     assert "alice" not in name
-    assert one.user(name) == name
+    # A name that looks like a pseudonym is pseudonymised too (no USER <pseudonym> spoofing).
+    assert one.user(name) == one.pseudonym(name) != name
     assert one.user(None) is None
 
 

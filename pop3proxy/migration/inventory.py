@@ -21,7 +21,25 @@ would-be-denied (dry run) by the enforcement phases, the last phase verdict, the
 mechanisms used, and client fingerprints: the command verbs from the greeting to the first
 login (``CAPA,USER,PASS`` or ``AUTH PLAIN``), which tell kinds of mail programs apart. A
 per-day table counts sessions per address and user for the totals over time. With a
-pseudonym key, user names are stored as keyed pseudonyms (:mod:`.pseudonym`).
+pseudonym key, user names arrive as keyed pseudonyms (the telemetry fan-out replaces them
+before any sink sees them, :mod:`.pseudonym`) and are stored as they arrive.
+
+What unauthenticated input can create is bounded. A user name is only a claim until the
+server accepts the login, and a client can send as many as it likes (``USER junk-1``,
+``junk-2``... or the same through APOP, AUTH PLAIN, XOAUTH2). So:
+
+- a user row (``users``, its mechanisms, fingerprints and days) is created only by a
+  *successful* login; the verdicts and bytes of that session count on it;
+- a failed, cancelled or policy-refused login counts on the client address's row, and on
+  the user's row only if that user has logged in successfully before (:attr:`Inventory.
+  known_users`, read from the database at start): an admin still sees that alice's device
+  fails, a stranger's junk names create nothing;
+- each client address keeps a sample of the last :data:`MAX_FAILED_NAMES` names that did
+  not log in from it (``failed_names``: name, attempts, last seen), so "this scanner keeps
+  trying as carol" stays visible, in at most that many rows per address.
+
+The number of rows then grows with the client addresses (which the allow list bounds) and
+the accounts that really log in, not with what clients send.
 """
 
 from __future__ import annotations
@@ -31,7 +49,7 @@ import dataclasses
 import datetime as dt
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -65,6 +83,12 @@ FLUSH_EVENTS: Final = 1000
 MAX_KEYS: Final = 50_000
 MAX_SESSIONS: Final = 100_000
 MAX_VERBS: Final = 16
+#: Names that did not log in, kept per client address (the most recent ones).
+MAX_FAILED_NAMES: Final = 5
+#: Users known to have logged in, kept in memory to count their failed logins on their row.
+MAX_KNOWN_USERS: Final = 200_000
+#: Longest user name stored (the engine's line limits bound it too; this bounds the rows).
+MAX_NAME: Final = 320
 #: A batch that could not be written is kept and retried; a warning at most this often.
 WARN_EVERY_S: Final = 60.0
 #: On shutdown, the last write may take this long.
@@ -129,6 +153,13 @@ CREATE TABLE IF NOT EXISTS daily (
     sessions INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, kind, key)
 );
+CREATE TABLE IF NOT EXISTS failed_names (
+    address TEXT NOT NULL,
+    user TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_seen TEXT NOT NULL,
+    PRIMARY KEY (address, user)
+);
 """
 #: ``clients.last_peer`` is the last user of an address, ``users.last_peer`` the last
 #: address of a user (the report classifies users by it).
@@ -188,9 +219,20 @@ class Tally:
     last_peer: str | None = None
     mechanisms: dict[str, int] = field(default_factory=dict)
     fingerprints: dict[str, int] = field(default_factory=dict)
+    #: Client rows only: name -> (attempts, last seen), least recently seen first, at most
+    #: :data:`MAX_FAILED_NAMES`.
+    failed_names: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def seen(self, now: str) -> None:
         self.last_seen = max(self.last_seen, now)
+
+    def failed_name(self, name: str, now: str) -> None:
+        """Note a login as ``name`` that did not succeed; the oldest name beyond the cap goes."""
+        names = self.failed_names
+        attempts, _ = names.pop(name, (0, now))
+        while len(names) >= MAX_FAILED_NAMES:
+            names.pop(next(iter(names)))
+        names[name] = (attempts + 1, now)
 
     def merge_older(self, older: Tally) -> None:
         """Add ``older`` (an earlier batch) into this one."""
@@ -205,6 +247,13 @@ class Tally:
             self.mechanisms[mechanism] = self.mechanisms.get(mechanism, 0) + uses
         for fingerprint, sessions in older.fingerprints.items():
             self.fingerprints[fingerprint] = self.fingerprints.get(fingerprint, 0) + sessions
+        names = dict(older.failed_names)  # older names first: they go first past the cap
+        for name, (attempts, last_seen) in self.failed_names.items():
+            before, _ = names.pop(name, (0, last_seen))
+            names[name] = (attempts + before, last_seen)
+        while len(names) > MAX_FAILED_NAMES:
+            names.pop(next(iter(names)))
+        self.failed_names = names
 
 
 @dataclass(slots=True)
@@ -244,11 +293,15 @@ class Batch:
 class _Session:
     client: str
     verbs: list[str] = field(default_factory=list)
+    #: The user the session logged in as (only a successful login sets it).
     user: str | None = None
-    fingerprinted: bool = False
+    #: The command verbs up to the first login attempt, once it happened.
+    fingerprint: str | None = None
     warned: bool = False
     denied: bool = False
     would_deny: bool = False
+    last_action: str | None = None
+    last_rule: str | None = None
 
 
 def _client_ip(text: object) -> str | None:
@@ -262,30 +315,36 @@ def _client_ip(text: object) -> str | None:
 class Inventory:
     """The telemetry sink half: O(1) updates of bounded in-memory aggregates.
 
+    User names arrive as the telemetry fan-out made them (pseudonyms, with a key) and are
+    used as they are: transforming them here again would pseudonymise the pseudonyms.
+
     Args:
-        pseudonymizer: stores user names as pseudonyms when given.
         clock: the current time as ISO 8601 text (tests pass a fixed one).
         flush_events: :attr:`wakeup` is set once this many events are waiting.
         max_keys: most distinct keys (addresses + users + per-day rows) in one batch.
         max_sessions: most open sessions tracked at once (the oldest is forgotten first).
+        max_known_users: most names kept in :attr:`known_users`.
     """
 
     def __init__(
         self,
         *,
-        pseudonymizer: Pseudonymizer | None = None,
         clock: Callable[[], str] = _now_text,
         flush_events: int = FLUSH_EVENTS,
         max_keys: int = MAX_KEYS,
         max_sessions: int = MAX_SESSIONS,
+        max_known_users: int = MAX_KNOWN_USERS,
     ) -> None:
-        self.pseudonymizer = pseudonymizer
         self.clock = clock
         self.flush_events = flush_events
         self.max_keys = max_keys
         self.max_sessions = max_sessions
+        self.max_known_users = max_known_users
         self.batch = Batch()
         self.sessions: dict[str, _Session] = {}
+        #: Users that have logged in successfully (this run, or before: see
+        #: :meth:`know_users`); only their failed logins count on a user row.
+        self.known_users: set[str] = set()
         self.wakeup: trio.Event | None = None
         self._handlers: dict[str, Callable[[str, Mapping[str, Any]], None]] = {
             "session.opened": self._opened,
@@ -294,6 +353,13 @@ class Inventory:
             "policy.verdict": self._verdict,
             "session.closed": self._closed,
         }
+
+    def know_users(self, users: Iterable[str]) -> None:
+        """Add users that logged in before (read from the database), up to the bound."""
+        for user in users:
+            if len(self.known_users) >= self.max_known_users:
+                return
+            self.known_users.add(user)
 
     # -- the sink ---------------------------------------------------------------------------
 
@@ -342,13 +408,6 @@ class Inventory:
         if day_key in daily or self.batch.keys() < self.max_keys:
             daily[day_key] = daily.get(day_key, 0) + 1
 
-    def _user(self, raw: object) -> str | None:
-        if not isinstance(raw, str) or not raw:
-            return None
-        if self.pseudonymizer is not None:
-            return self.pseudonymizer.user(raw)
-        return raw
-
     def _opened(self, session_id: str, fields: Mapping[str, Any]) -> None:
         client = _client_ip(fields.get("client"))
         if client is None:
@@ -366,7 +425,7 @@ class Inventory:
     def _command(self, session_id: str, fields: Mapping[str, Any]) -> None:
         session = self.sessions.get(session_id)
         verb = fields.get("verb")
-        if session is None or session.fingerprinted or not isinstance(verb, str):
+        if session is None or session.fingerprint is not None or not isinstance(verb, str):
             return
         if len(session.verbs) < MAX_VERBS:
             session.verbs.append(_fingerprint_verb(verb, fields.get("args")))
@@ -378,35 +437,55 @@ class Inventory:
         now = self.clock()
         ok = fields.get("result") == "success"
         mechanism = str(fields.get("mechanism") or "?")[:32]
-        user = self._user(fields.get("user"))
+        user = _name(fields.get("user"))
         fingerprint = None
-        if not session.fingerprinted:
-            session.fingerprinted = True
+        if session.fingerprint is None:
             # The login's own command completes after this event (the engine reports the
             # result first), so its verb is added here, unless it came first after all.
             login_verb = _LOGIN_VERB.get(mechanism, f"AUTH {mechanism}")
             verbs = session.verbs
             if not verbs or verbs[-1] != login_verb:
                 verbs = [*verbs, login_verb]
-            fingerprint = ",".join(verbs[: MAX_VERBS + 1])
+            fingerprint = session.fingerprint = ",".join(verbs[: MAX_VERBS + 1])
         client_tally = self._tally(self.batch.clients, session.client, now)
-        user_tally = None
-        if user is not None:
-            if session.user != user:
-                session.user = user
-                self._count_day("user", user, now)
-                user_tally = self._tally(self.batch.users, user, now)
-                if user_tally is not None:
-                    user_tally.sessions += 1
-            else:
-                user_tally = self._tally(self.batch.users, user, now)
-            if user_tally is not None:
-                user_tally.last_peer = session.client
-            if client_tally is not None:
-                client_tally.last_peer = user
-        for tally in (client_tally, user_tally):
+        if client_tally is not None:
+            _count_login(client_tally, ok=ok, mechanism=mechanism, fingerprint=fingerprint)
+        if user is None:
+            return
+        if not ok:
+            self._failed_login(client_tally, user, mechanism, now)
+            return
+        if len(self.known_users) < self.max_known_users:
+            self.known_users.add(user)
+        if client_tally is not None:
+            client_tally.last_peer = user
+        if session.user == user:  # cannot happen in POP3 (one login per session), but cheap
+            return
+        session.user = user
+        user_tally = self._tally(self.batch.users, user, now)
+        if user_tally is None:
+            return
+        self._count_day("user", user, now)
+        user_tally.sessions += 1
+        user_tally.last_peer = session.client
+        _count_login(user_tally, ok=True, mechanism=mechanism, fingerprint=session.fingerprint)
+        # The phase verdicts came before the login (at USER, before the credential went
+        # upstream): now that the name is proven, they count for the user too.
+        user_tally.warned += session.warned
+        user_tally.denied += session.denied
+        user_tally.would_deny += session.would_deny
+        if session.last_action is not None:
+            user_tally.last_action = session.last_action
+            user_tally.last_rule = session.last_rule
+
+    def _failed_login(self, client: Tally | None, user: str, mechanism: str, now: str) -> None:
+        """A login as ``user`` did not succeed: the name is a claim, not proven."""
+        if client is not None:
+            client.failed_name(user, now)
+        if user in self.known_users:  # a real account failing: worth its row
+            tally = self._tally(self.batch.users, user, now)
             if tally is not None:
-                _count_login(tally, ok=ok, mechanism=mechanism, fingerprint=fingerprint)
+                _count_login(tally, ok=False, mechanism=mechanism, fingerprint=None)
 
     def _verdict(self, session_id: str, fields: Mapping[str, Any]) -> None:
         session = self.sessions.get(session_id)
@@ -416,21 +495,22 @@ class Inventory:
         dry_run = bool(fields.get("dry_run"))
         rule = fields.get("rule")
         now = self.clock()
-        user = self._user(fields.get("user")) or session.user
-        tallies = [self._tally(self.batch.clients, session.client, now)]
-        if user is not None:
-            tallies.append(self._tally(self.batch.users, user, now))
-        for tally in tallies:
-            if tally is None:
-                continue
-            tally.last_action = "would_deny" if dry_run else str(action)
-            tally.last_rule = str(rule) if rule is not None else None
+        last_action = "would_deny" if dry_run else str(action)
+        last_rule = str(rule) if rule is not None else None
+        tally = self._tally(self.batch.clients, session.client, now)
+        if tally is not None:
+            tally.last_action, tally.last_rule = last_action, last_rule
             if dry_run and not session.would_deny:
                 tally.would_deny += 1
             if action == "warn" and not session.warned:
                 tally.warned += 1
             if action == "deny" and not session.denied:
                 tally.denied += 1
+            # A login refused before the credential went upstream: the name is unproven.
+            user = _name(fields.get("user"))
+            if user is not None and action == "deny" and not dry_run:
+                tally.failed_name(user, now)
+        session.last_action, session.last_rule = last_action, last_rule
         session.would_deny = session.would_deny or dry_run
         session.warned = session.warned or action == "warn"
         session.denied = session.denied or action == "deny"
@@ -442,14 +522,22 @@ class Inventory:
         now = self.clock()
         from_client = _count(fields.get("bytes_from_client"))
         to_client = _count(fields.get("bytes_to_client"))
-        user = session.user or self._user(fields.get("user"))
+        # Only the user the session logged in as: the event's own ``user`` field is not
+        # trusted to create anything.
         tallies = [self._tally(self.batch.clients, session.client, now)]
-        if user is not None:
-            tallies.append(self._tally(self.batch.users, user, now))
+        if session.user is not None:
+            tallies.append(self._tally(self.batch.users, session.user, now))
         for tally in tallies:
             if tally is not None:
                 tally.bytes_from_client += from_client
                 tally.bytes_to_client += to_client
+
+
+def _name(raw: object) -> str | None:
+    """A user name from an event field (bounded in length like every stored key)."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    return raw[:MAX_NAME]
 
 
 def _count_login(tally: Tally, *, ok: bool, mechanism: str, fingerprint: str | None) -> None:
@@ -525,6 +613,23 @@ class InventoryStore:
             self._connection = connection
             self._inode = None if self.path == ":memory:" else self._file_identity()
         return self._connection
+
+    def known_users(self, limit: int = MAX_KNOWN_USERS) -> list[str]:
+        """The users that have logged in successfully before (at most ``limit``).
+
+        Raises:
+            sqlite3.Error, OSError: the database cannot be read.
+        """
+        try:
+            connection = self.connect()
+            rows = connection.execute(
+                "SELECT user FROM users WHERE logins_ok > 0 ORDER BY last_seen DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        except BaseException:
+            self.close()
+            raise
+        return [row[0] for row in rows]
 
     def write(self, batch: Batch) -> None:
         """Merge ``batch`` in one transaction.
@@ -614,6 +719,25 @@ def _merge(connection: sqlite3.Connection, batch: Batch) -> None:
         "ON CONFLICT (day, kind, key) DO UPDATE SET sessions = sessions + excluded.sessions",
         [(day, kind, key, sessions) for (day, kind, key), sessions in batch.daily.items()],
     )
+    named = {address: t.failed_names for address, t in batch.clients.items() if t.failed_names}
+    # REPLACE gives the row a new, higher rowid: rowid order is the order the names were
+    # last seen in (the batch's names come least recent first), finer than the timestamps.
+    connection.executemany(
+        "INSERT OR REPLACE INTO failed_names (address, user, attempts, last_seen) VALUES "
+        "(?1, ?2, ?3 + coalesce((SELECT attempts FROM failed_names "
+        "WHERE address = ?1 AND user = ?2), 0), ?4)",
+        [
+            (address, user, attempts, last_seen)
+            for address, names in named.items()
+            for user, (attempts, last_seen) in names.items()
+        ],
+    )
+    # Keep the most recent few per address: the table grows with the addresses only.
+    connection.executemany(
+        "DELETE FROM failed_names WHERE address = ?1 AND rowid NOT IN (SELECT rowid "
+        "FROM failed_names WHERE address = ?1 ORDER BY rowid DESC LIMIT ?2)",
+        [(address, MAX_FAILED_NAMES) for address in named],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,6 +788,7 @@ class _Writer:
 
 
 def pseudonymizer_for(settings: Settings) -> Pseudonymizer | None:
+    """The telemetry transform's pseudonymizer, when a key is configured."""
     key = settings.pseudonym_key
     return None if key is None else Pseudonymizer(key)
 
@@ -676,14 +801,19 @@ async def inventory_service(
     if not settings.inventory:
         task_status.started()
         return
-    inventory = Inventory(pseudonymizer=pseudonymizer_for(settings))
+    inventory = Inventory()
     store = InventoryStore(database_path(settings.state_dir))
     writer = _Writer(inventory, store)
+    try:
+        inventory.know_users(await trio.to_thread.run_sync(store.known_users))
+    except (sqlite3.Error, OSError) as exc:  # written later, or logged then: never fatal
+        _log.warning("inventory.read_failed", path=store.path, error=f"{type(exc).__name__}: {exc}")
     ctx.telemetry.add_sink(inventory.sink)
     _log.info(
         "inventory.started",
         path=store.path,
-        pseudonymised=inventory.pseudonymizer is not None,
+        pseudonymised=settings.pseudonym_key is not None,
+        known_users=len(inventory.known_users),
         flush_interval_s=settings.inventory_flush_interval,
     )
     task_status.started()

@@ -2,10 +2,15 @@
 
 The same user name always maps to the same pseudonym under one key, so the inventory can
 still count sessions per user and an admin who knows a name can find its row (``pop3proxy
-report`` shows pseudonyms; :meth:`Pseudonymizer.pseudonym` computes one), while the stored
-data alone does not reveal the names. A pseudonym is ``u-`` plus 24 hex digits (96 bits of
-the MAC). Applying the transform twice is harmless: a value that already has that form is
-left as it is, so the log and the inventory can both apply it.
+report --user NAME`` computes the pseudonym; so does :meth:`Pseudonymizer.pseudonym`),
+while the stored data alone does not reveal the names. A pseudonym is ``u-`` plus 24 hex
+digits (96 bits of the MAC).
+
+Every name a client sends is pseudonymised exactly once, whatever it looks like: the
+telemetry fan-out applies :meth:`Pseudonymizer.event_fields` to each event before any sink
+(the log, the live feed, the inventory) sees it, and nothing applies it again. A name that
+already looks like a pseudonym is no exception: otherwise a client that sends ``USER``
+with alice's pseudonym would have its failed logins recorded as alice's.
 
 The key is secret: whoever has it can test names against the pseudonyms. It is read from a
 file (:func:`parse_pseudonym_key_file`, e.g. a mounted Kubernetes secret) or from the
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,7 +42,6 @@ MIN_KEY_LENGTH: Final = 16
 MAX_KEY_FILE_OCTETS: Final = 4096
 #: Commands whose first argument is the user name (AUTH arguments are SASL data, not names).
 _USER_VERBS: Final = frozenset({"USER", "APOP"})
-_PSEUDONYM = re.compile(r"u-[0-9a-f]{24}\Z")
 #: How a file name starts: such a value given as the key itself is almost surely a mistake
 #: (the setting for a file was meant), and using it as the key would make it public.
 _PATH_PREFIXES: Final = ("/", "./", "../", "~")
@@ -148,26 +151,25 @@ class Pseudonymizer:
         return "u-" + mac.hexdigest()[:24]
 
     def user(self, value: str | None) -> str | None:
-        """The pseudonym of ``value``; None stays None, and a pseudonym stays as it is."""
-        if value is None or _PSEUDONYM.match(value):
-            return value
-        return self.pseudonym(value)
+        """The pseudonym of ``value`` (whatever it looks like); None stays None."""
+        return None if value is None else self.pseudonym(value)
 
     def event_fields(self, event: str, fields: Mapping[str, Any]) -> Mapping[str, Any]:
         """``fields`` of a session event with every user name replaced by its pseudonym.
 
         Replaces the ``user`` field (``pop3.login``, ``session.closed``, ``policy.verdict``)
         and the first argument of ``USER`` and ``APOP`` in ``pop3.command``. Returns
-        ``fields`` itself when there is nothing to replace (the common case: cheap).
+        ``fields`` itself when there is nothing to replace (the common case: cheap). Apply
+        it once per event: a second pass would pseudonymise the pseudonyms.
         """
         changed: dict[str, Any] | None = None
         user = fields.get("user")
         if isinstance(user, str):
             changed = dict(fields)
-            changed["user"] = self.user(user)
+            changed["user"] = self.pseudonym(user)
         if event == "pop3.command" and fields.get("verb") in _USER_VERBS:
             args = fields.get("args")
             if isinstance(args, list | tuple) and args and isinstance(args[0], str):
                 changed = dict(fields) if changed is None else changed
-                changed["args"] = [self.user(args[0]), *args[1:]]
+                changed["args"] = [self.pseudonym(args[0]), *args[1:]]
         return fields if changed is None else changed

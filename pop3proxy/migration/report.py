@@ -6,7 +6,16 @@ under the configured rules (with any stricter phase already scheduled), then tot
 day: distinct clients, distinct users and sessions. ``--since DATE`` leaves out what was
 last seen before that day. Formats: an aligned ``table`` for people, ``csv`` (one row per
 client, user or day, told apart by the ``kind`` column) and ``json`` for tools.
-:func:`collect` returns the same data as plain dicts, for the admin dashboard.
+:func:`collect` returns the same data as plain dicts, for the admin dashboard. ``--user
+NAME`` shows that user's row and the clients that logged in or failed as that name; with a
+pseudonym key configured it looks for the name's pseudonym.
+
+Names, and most other text here, came from POP3 clients. The table escapes control
+characters (a name cannot drive the terminal); the CSV also follows OWASP's guidance on
+CSV injection: every cell is quoted, and a text cell that begins with ``=``, ``+``, ``-``,
+``@``, a tab or a carriage return is prefixed with ``'``, so a spreadsheet shows
+``=HYPERLINK(...)`` as text instead of evaluating it. JSON needs neither (``json.dumps``
+escapes control characters; a JSON reader does not evaluate formulas).
 
 The database is opened read-only, so a report never disturbs the running proxy.
 """
@@ -27,7 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from pop3proxy.migration.inventory import database_path
+from pop3proxy.migration.pseudonym import Pseudonymizer
 from pop3proxy.migration.rules import RuleSet
+from pop3proxy.terminal import printable
 
 if TYPE_CHECKING:
     from pop3proxy.config import Settings
@@ -39,6 +50,9 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 _PSEUDONYM = re.compile(r"u-[0-9a-f]{24}\Z")
+#: What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection"), and the NUL
+#: that ASVS 1.2.10 adds.
+_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r", "\0")
 
 CSV_COLUMNS: Final = (
     "kind",
@@ -55,6 +69,7 @@ CSV_COLUMNS: Final = (
     "would_deny",
     "mechanisms",
     "fingerprints",
+    "failed_names",
     "last_peer",
     "phase",
     "rule",
@@ -96,6 +111,15 @@ def _open(path: str) -> sqlite3.Connection:
     return connection
 
 
+def _concerns(
+    kind: str, name: str, row: sqlite3.Row, failed: list[tuple[str, int]], wanted: str
+) -> bool:
+    """Whether a row belongs in ``report --user``: the user's own, or a client it used."""
+    if kind == "user":
+        return name == wanted
+    return row["last_peer"] == wanted or any(user == wanted for user, _ in failed)
+
+
 def _ip(text: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(str(text))
@@ -123,18 +147,44 @@ def _details(connection: sqlite3.Connection, kind: str) -> tuple[dict[str, str],
     )
 
 
+def _failed_names(connection: sqlite3.Connection) -> dict[str, list[tuple[str, int]]]:
+    """Per client address, the names that did not log in from it, most recent first."""
+    exists = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'failed_names'"
+    ).fetchone()
+    if exists is None:  # an inventory written before the table existed
+        return {}
+    names: dict[str, list[tuple[str, int]]] = {}
+    for row in connection.execute(
+        "SELECT address, user, attempts FROM failed_names ORDER BY rowid DESC"
+    ):
+        names.setdefault(row["address"], []).append((row["user"], row["attempts"]))
+    return names
+
+
 def collect(
-    path: str, rules: RuleSet, *, since: dt.date | None = None, now: dt.datetime | None = None
+    path: str,
+    rules: RuleSet,
+    *,
+    since: dt.date | None = None,
+    now: dt.datetime | None = None,
+    user: str | None = None,
+    pseudonymizer: Pseudonymizer | None = None,
 ) -> dict[str, Any]:
     """The report's data: ``clients``, ``users``, ``totals`` (per day) and ``summary``.
+
+    With ``user``: only that user's row, and the clients whose last user it is or that
+    failed to log in as it (under ``pseudonymizer``, the rows of its pseudonym).
 
     Raises:
         ReportError: no readable inventory at ``path``.
     """
     now = now or dt.datetime.now(dt.UTC)
     floor = since.isoformat() if since else ""
+    wanted = None if user is None else pseudonymizer.pseudonym(user) if pseudonymizer else user
     connection = _open(path)
     try:
+        failed = _failed_names(connection)
         sections: dict[str, list[dict[str, Any]]] = {}
         for table, column, kind in (("clients", "address", "client"), ("users", "user", "user")):
             mechanisms, fingerprints = _details(connection, kind)
@@ -145,11 +195,15 @@ def collect(
             )
             for row in connection.execute(query, (floor,)):
                 name = row[column]
+                names = failed.get(name, []) if kind == "client" else []
+                if wanted is not None and not _concerns(kind, name, row, names, wanted):
+                    continue
                 if kind == "client":
                     where = rules.classify(_ip(name), None, now)
                 else:
-                    user = None if _PSEUDONYM.match(name) else name
-                    where = rules.classify(_ip(row["last_peer"]), user, now)
+                    # The name itself when known (--user); a pseudonym matches no user rule.
+                    real = user or (None if _PSEUDONYM.match(name) else name)
+                    where = rules.classify(_ip(row["last_peer"]), real, now)
                 item = {key: row[key] for key in row.keys()}  # noqa: SIM118 - sqlite3.Row
                 item.pop(column)
                 rows.append(
@@ -158,6 +212,7 @@ def collect(
                         **item,
                         "mechanisms": mechanisms.get(name, ""),
                         "fingerprints": fingerprints.get(name, ""),
+                        "failed_names": "; ".join(f"{n} ({a})" for n, a in names),
                         "phase": where.phase + (" (dry run)" if where.dry_run else ""),
                         "rule": where.rule,
                         "upcoming": where.upcoming,
@@ -191,6 +246,7 @@ def collect(
         "generated": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "database": path,
         "since": since.isoformat() if since else None,
+        "user": wanted,
         "rules": [f"{rule.name}: {rule.describe()}" for rule in rules.rules],
         "summary": {
             "clients": len(sections["clients"]),
@@ -210,7 +266,7 @@ def collect(
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    cells = [[("" if v is None else printable(str(v))) for v in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -225,9 +281,13 @@ def _phase_text(row: Mapping[str, Any]) -> str:
     return text
 
 
-def _people(rows: Sequence[Mapping[str, Any]], name: str, peer: str) -> list[str]:
+def _people(
+    rows: Sequence[Mapping[str, Any]], name: str, peer: str, *, failed_names: bool = False
+) -> list[str]:
     headers = [name, "LAST SEEN", "FIRST SEEN", "SESSIONS", "LOGINS OK/FAILED", "MECHANISMS"]
     headers += ["FINGERPRINTS", peer, "PHASE", "RULE"]
+    if failed_names:
+        headers.append("FAILED AS")
     return _table(
         headers,
         [
@@ -242,6 +302,7 @@ def _people(rows: Sequence[Mapping[str, Any]], name: str, peer: str) -> list[str
                 r["last_peer"],
                 _phase_text(r),
                 r["rule"],
+                *([r["failed_names"]] if failed_names else []),
             )
             for r in rows
         ],
@@ -251,14 +312,17 @@ def _people(rows: Sequence[Mapping[str, Any]], name: str, peer: str) -> list[str
 def _render_table(data: Mapping[str, Any]) -> str:
     summary = data["summary"]
     since = f" since {data['since']}" if data["since"] else ""
+    user = f" of user {data['user']}" if data.get("user") else ""
     lines = [
-        f"Plaintext POP3 clients{since}: {summary['clients']} addresses, {summary['users']} "
-        f"users, {summary['sessions']} sessions (inventory {data['database']}, "
-        f"{data['generated']})",
+        printable(
+            f"Plaintext POP3 clients{user}{since}: {summary['clients']} addresses, "
+            f"{summary['users']} users, {summary['sessions']} sessions (inventory "
+            f"{data['database']}, {data['generated']})"
+        ),
         "",
         "Clients still on plaintext:",
     ]
-    lines += _people(data["clients"], "ADDRESS", "LAST USER")
+    lines += _people(data["clients"], "ADDRESS", "LAST USER", failed_names=True)
     lines += ["", "Users still on plaintext:"]
     lines += _people(data["users"], "USER", "LAST ADDRESS")
     lines += ["", "Totals per day:"]
@@ -267,19 +331,45 @@ def _render_table(data: Mapping[str, Any]) -> str:
         [(t["day"], t["clients"], t["users"], t["sessions"]) for t in data["totals"]],
     )
     if data["rules"]:
-        lines += ["", "Rules:", *(f"  {rule}" for rule in data["rules"])]
+        lines += ["", "Rules:", *(f"  {printable(rule)}" for rule in data["rules"])]
     return "\n".join(lines) + "\n"
+
+
+def csv_cell(value: object) -> object:
+    """One CSV cell that no spreadsheet evaluates and no terminal acts on.
+
+    Text has its control characters escaped (as in the table), then, if it begins like a
+    formula (OWASP: ``=``, ``+``, ``-``, ``@``, tab, carriage return), a ``'`` in front:
+    ``=HYPERLINK("http://x")`` becomes ``'=HYPERLINK("http://x")``, which a spreadsheet
+    shows as it is. Numbers stay numbers.
+    """
+    if not isinstance(value, str):
+        return value
+    text = printable(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _render_csv(data: Mapping[str, Any]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    # Every cell quoted (OWASP): a ';' or ',' inside a name cannot start a new cell in a
+    # spreadsheet that splits at another separator than this writer does.
+    writer = csv.DictWriter(
+        out,
+        fieldnames=CSV_COLUMNS,
+        extrasaction="ignore",
+        lineterminator="\n",
+        quoting=csv.QUOTE_ALL,
+    )
     writer.writeheader()
+
+    def write(row: Mapping[str, object]) -> None:
+        writer.writerow({column: csv_cell(row.get(column)) for column in CSV_COLUMNS})
+
     for kind, rows in (("client", data["clients"]), ("user", data["users"])):
         for row in rows:
-            writer.writerow({"kind": kind, **row, "clients": "", "users": ""})
+            write({"kind": kind, **row, "clients": "", "users": ""})
     for total in data["totals"]:
-        writer.writerow(
+        write(
             {
                 "kind": "day",
                 "name": total["day"],
@@ -304,9 +394,14 @@ def main(settings: Settings, options: Mapping[str, Any]) -> int:
     """The ``report`` command; returns the exit status."""
     fmt = options.get("format") or "table"
     since = options.get("since")
+    key = settings.pseudonym_key
     try:
         data = collect(
-            database_path(settings.state_dir), RuleSet.from_settings(settings), since=since
+            database_path(settings.state_dir),
+            RuleSet.from_settings(settings),
+            since=since,
+            user=options.get("user"),
+            pseudonymizer=None if key is None else Pseudonymizer(key),
         )
     except ReportError as exc:
         print(f"pop3proxy report: {exc}", file=sys.stderr)
