@@ -6,6 +6,10 @@ machine can recognise). :func:`redact_secrets` is the last processor before rend
 and catches what slipped through anyway: a ``Secret`` object, a key that names a
 credential, or a string that looks like a raw ``PASS``/``APOP``/``AUTH`` line.
 Tracebacks are rendered without local variables, which could hold a password.
+
+Session events may wait for a batch (:mod:`pop3proxy.telemetry`); every other line, logged
+with structlog or through stdlib logging, first delivers them (:func:`deliver_waiting_events`,
+the first processor of both chains), so lines reach the stream in the order things happened.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -22,7 +26,13 @@ from structlog.typing import Processor
 
 from pop3proxy.pop3 import Secret
 
-__all__ = ["LEVELS", "configure_logging", "redact_secrets"]
+__all__ = [
+    "LEVELS",
+    "before_direct_line",
+    "configure_logging",
+    "deliver_waiting_events",
+    "redact_secrets",
+]
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -35,6 +45,9 @@ _REDACTED = "***"
 
 #: The configured level: events below it are dropped before anything is built for them.
 threshold = LEVELS["debug"]
+#: Delivers the session events waiting for a batch: set by ``Telemetry`` when a batch begins,
+#: cleared when it is delivered, so the lines of the batch itself never call it.
+before_direct_line: Callable[[], None] | None = None
 _SECRET_KEYS = frozenset(
     {"password", "pass", "passwd", "secret", "sasl", "auth_data", "authorization", "apop_digest"}
 )
@@ -75,6 +88,19 @@ def redact_secrets(
     return event_dict
 
 
+def deliver_waiting_events(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor, first of every chain: events that happened before this line go first.
+
+    Runs before the time stamp, so the line's ``timestamp`` follows theirs too.
+    """
+    deliver = before_direct_line
+    if deliver is not None:
+        deliver()
+    return event_dict
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = sys.stdout) -> None:
     """Configure structlog and route stdlib logging (trio, trio-websocket) the same way.
 
@@ -87,6 +113,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = s
     threshold = LEVELS[level]
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[Processor] = [
+        deliver_waiting_events,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

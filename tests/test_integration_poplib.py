@@ -14,9 +14,11 @@ import hashlib
 import hmac
 import poplib
 import re
+import signal
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -625,6 +627,34 @@ def test_a_client_port_that_comes_back_is_not_taken_for_the_first_session(
         assert read_line(second).startswith(b"+OK")
     assert second_id != first_id
     assert proxy.sessions_opened(since=mark) == [second_id]
+
+
+def test_drain_started_comes_after_the_commands_completed_before_sigterm(
+    dovecot: Dovecot, mailbox: MailboxFactory, tmp_path: Path
+) -> None:
+    """``pop3.command`` lines wait for a batch; ``drain.started`` must not overtake them, so a
+    log reader can take it as a cut-off."""
+    box = mailbox([])
+    with ProxyProcess(
+        tmp_path / "proxy.log",
+        upstream_port=dovecot.port,
+        ca_file=dovecot.ca_pem_path,
+        server_name=dovecot.server_name,
+    ) as proxy:
+        with via_proxy(proxy) as pop:
+            session_id = session_of(proxy, pop)
+            login(pop, "USER", box.user, box.password)
+            assert pop.noop().startswith(b"+OK")  # completed: its line is logged or waiting
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait_for_event("drain.started")
+            assert pop.quit().startswith(b"+OK")  # a drain lets open sessions finish
+        assert proxy.wait_exit() == 0
+        events = proxy.events()
+    cut = next(n for n, e in enumerate(events) if e.get("event") == "drain.started")
+    before = [e.get("verb") for e in events[:cut] if e.get("event") == "pop3.command"]
+    after = [e.get("verb") for e in events[cut:] if e.get("event") == "pop3.command"]
+    assert (before, after) == (["USER", "PASS", "NOOP"], ["QUIT"]), events
+    assert all(e.get("session_id") == session_id for e in events if e.get("verb"))
 
 
 def test_mailbox_fixture_gives_fresh_users(mailbox: MailboxFactory) -> None:
