@@ -19,6 +19,7 @@ timeout, and returns what it printed and the messages it delivered.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import poplib
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "DEVICE_NETWORK",
     "ClientMissingError",
     "ClientRun",
     "DevicePOP3",
@@ -57,17 +59,19 @@ cat > "$1/msg.$(printf %04d "$n")"
 """
 
 
-#: Numbers for :func:`device_address`; 127.0.0.x is left to the tests that name addresses.
+#: Where :func:`device_address` takes addresses from; 127.0.0.x is left to the tests that
+#: name addresses (allow lists, rules).
+DEVICE_NETWORK = ipaddress.IPv4Network("127.128.0.0/9")
 _device_numbers = itertools.count(1)
 
 
 def device_address() -> str:
-    """A loopback address no other client of this test run uses (127.128.0.1 onwards)."""
+    """A loopback address no other client of this test run uses (the next of
+    :data:`DEVICE_NETWORK`, skipping those ending in .0 or .255)."""
     while True:
-        n = next(_device_numbers)
-        host = f"127.{128 + (n >> 16) % 128}.{(n >> 8) & 0xFF}.{n & 0xFF}"
-        if n & 0xFF not in (0, 0xFF):  # no network or broadcast-looking addresses
-            return host
+        address = DEVICE_NETWORK[next(_device_numbers) % DEVICE_NETWORK.num_addresses]
+        if address.packed[-1] not in (0, 255):
+            return str(address)
 
 
 def connect_from_device(port: int, *, timeout: float, host: str = "127.0.0.1") -> socket.socket:
