@@ -129,9 +129,11 @@ class QuietProxy(ProxyProcess):
         name: str,
         predicate: Callable[[dict[str, Any]], bool] | None = None,
         timeout: float = 10.0,
+        *,
+        since: int | None = None,
     ) -> dict[str, Any]:
         if name != "listener.started":
-            return super().wait_for_event(name, predicate, timeout)
+            return super().wait_for_event(name, predicate, timeout, since=since)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.running:

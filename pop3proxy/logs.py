@@ -10,6 +10,10 @@ Tracebacks are rendered without local variables, which could hold a password.
 ``--log-format console`` is for a terminal, and user names, arguments and server replies
 came from the network: its renderer shows control characters as escapes (``\\x1b``), so a
 client cannot drive the operator's terminal (JSON lines are escaped by ``json.dumps``).
+
+Session events may wait for a batch (:mod:`pop3proxy.telemetry`); every other line, logged
+with structlog or through stdlib logging, first delivers them (:func:`deliver_waiting_events`,
+the first processor of both chains), so lines reach the stream in the order things happened.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -28,7 +32,14 @@ from structlog.typing import EventDict, ExcInfo, Processor, WrappedLogger
 from pop3proxy.pop3 import Secret
 from pop3proxy.terminal import printable
 
-__all__ = ["LEVELS", "PrintableConsoleRenderer", "configure_logging", "redact_secrets"]
+__all__ = [
+    "LEVELS",
+    "PrintableConsoleRenderer",
+    "before_direct_line",
+    "configure_logging",
+    "deliver_waiting_events",
+    "redact_secrets",
+]
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -41,6 +52,9 @@ _REDACTED = "***"
 
 #: The configured level: events below it are dropped before anything is built for them.
 threshold = LEVELS["debug"]
+#: Delivers the session events waiting for a batch: set by ``Telemetry`` when a batch begins,
+#: cleared when it is delivered, so the lines of the batch itself never call it.
+before_direct_line: Callable[[], None] | None = None
 _SECRET_KEYS = frozenset(
     {"password", "pass", "passwd", "secret", "sasl", "auth_data", "authorization", "apop_digest"}
 )
@@ -111,6 +125,19 @@ class PrintableConsoleRenderer:
         return self._render(logger, name, clean)
 
 
+def deliver_waiting_events(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor, first of every chain: events that happened before this line go first.
+
+    Runs before the time stamp, so the line's ``timestamp`` follows theirs too.
+    """
+    deliver = before_direct_line
+    if deliver is not None:
+        deliver()
+    return event_dict
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = sys.stdout) -> None:
     """Configure structlog and route stdlib logging (trio, trio-websocket) the same way.
 
@@ -123,6 +150,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = s
     threshold = LEVELS[level]
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[Processor] = [
+        deliver_waiting_events,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -15,11 +15,21 @@ A command's log line and metrics are then off its round trip, and delivering man
 keeps that code in the CPU's caches (in the relay benchmark this took about a third off the
 proxy's CPU time per NOOP). The cost: command lines reach stdout up to 0.1 s late (their
 ``timestamp`` is when they are written), and a process killed with SIGKILL loses that much.
+A line logged past the sinks (``drain.started``, ``reload.*``, the admin endpoint's and the
+inventory's own lines, a library's stdlib logging) delivers the waiting batch first
+(:data:`pop3proxy.logs.before_direct_line`), so the log's order is the order things happened
+and a reader may take ``drain.started`` as a cut-off.
+
+An event whose fields cannot be built (a builder, the redaction or the transform raises) is
+dropped alone: counted in :attr:`Telemetry.dropped_events`, logged as
+``telemetry.event_dropped`` with the exception's type only (its message may quote a field),
+and never raised into whichever session's task delivered the batch.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -77,11 +87,20 @@ class Telemetry:
     ) -> None:
         self.sinks: list[Sink] = [log_sink] if sinks is None else list(sinks)
         self.transform = transform
+        #: Sink calls that raised.
         self.errors = 0
+        #: Events dropped because their fields could not be built (for the metrics).
+        self.dropped_events = 0
         #: Events waiting for the next batch; None: delivered as they are published.
         self._batch: list[tuple[str, str, FieldBuilder, tuple[Any, ...]]] | None = None
         #: Where the batch task waits for a batch to begin.
         self._batch_begun = trio.lowlevel.ParkingLot()
+        #: Set while :meth:`flush` runs: a line a sink logs then must not start another.
+        self._flushing = False
+        #: The thread of the batch task (trio's): the only one that may deliver.
+        self._thread: int | None = None
+        #: One bound method, so that :meth:`flush` can tell whether it is the armed one.
+        self._before_direct_line = self._deliver_before_direct_line
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
@@ -106,27 +125,49 @@ class Telemetry:
         if batch is None or event not in BATCHED_EVENTS:
             if batch:
                 self.flush()
-            self._deliver(event, level, build(*args))
+            self._deliver(event, level, build, args)
             return
         batch.append((event, level, build, args))
-        if len(batch) >= BATCH_LIMIT:
+        if len(batch) == 1:  # the first of a batch: lines logged directly now wait for it
+            logs.before_direct_line = self._before_direct_line
+            if self._batch_begun:  # and its timer starts
+                self._batch_begun.unpark()
+        elif len(batch) >= BATCH_LIMIT:
             self.flush()
-        elif self._batch_begun:  # the first of a batch: start its timer
-            self._batch_begun.unpark()
 
     def flush(self) -> None:
-        """Deliver the events waiting for the next batch now, in order."""
+        """Deliver the events waiting for the next batch now, in order.
+
+        Events published while it runs (by a sink) go out in the same call, after it.
+        """
+        if self._flushing:  # called again by a line a sink logs: the batch is on its way
+            return
         batch = self._batch
-        if batch:
-            self._batch = []
-            for event, level, build, args in batch:
-                self._deliver(event, level, build(*args))
+        if not batch:
+            return
+        self._flushing = True
+        try:
+            while batch:
+                self._batch = []
+                if logs.before_direct_line is self._before_direct_line:
+                    logs.before_direct_line = None
+                for event, level, build, args in batch:
+                    self._deliver(event, level, build, args)
+                batch = self._batch
+        finally:
+            self._flushing = False
+
+    def _deliver_before_direct_line(self) -> None:
+        """:data:`pop3proxy.logs.before_direct_line` while events wait for their batch."""
+        if threading.get_ident() == self._thread:  # a worker thread's line leaves it to trio
+            self.flush()
 
     async def deliver_in_batches(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Deliver :data:`BATCHED_EVENTS` every :data:`BATCH_INTERVAL` until cancelled."""
         self._batch = []
+        self._thread = threading.get_ident()
         task_status.started()
         try:
             while True:
@@ -137,11 +178,25 @@ class Telemetry:
         finally:
             self.flush()
             self._batch = None
+            if logs.before_direct_line is self._before_direct_line:
+                logs.before_direct_line = None
 
-    def _deliver(self, event: str, level: str, fields: dict[str, Any]) -> None:
-        scrubbed: Mapping[str, Any] = redact_secrets(None, level, fields)
-        if self.transform is not None:
-            scrubbed = self.transform(event, scrubbed)
+    def _deliver(self, event: str, level: str, build: FieldBuilder, args: tuple[Any, ...]) -> None:
+        try:
+            scrubbed: Mapping[str, Any] = redact_secrets(None, level, build(*args))
+            if self.transform is not None:
+                scrubbed = self.transform(event, scrubbed)
+        except Exception as exc:  # one broken event must not cost the batch or a session
+            self.dropped_events += 1
+            # The type only: a message may quote a field. No session id either: the current
+            # task's (bound by the relay) would name whichever session delivered the batch.
+            _log.warning(
+                "telemetry.event_dropped",
+                dropped_event=event,
+                error_type=type(exc).__name__,
+                session_id=None,
+            )
+            return
         for sink in self.sinks:
             try:
                 sink(event, level, scrubbed)

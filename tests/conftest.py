@@ -25,10 +25,17 @@ from tests.peers.dovecot import (
     find_dovecot,
     make_message,
 )
-from tests.peers.proxy import ProxyProcess
+from tests.peers.proxy import ProxyProcess, mark_every_log
 
 KIB = 1024
 MIB = 1024 * KIB
+
+
+@pytest.fixture(autouse=True)
+def _sessions_of_this_test() -> None:
+    """Client ports come back on long-lived proxies: ``ProxyProcess.session_id_for`` looks
+    only at the sessions opened since the current test began."""
+    mark_every_log()
 
 
 @pytest.fixture(scope="session")

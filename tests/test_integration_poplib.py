@@ -14,14 +14,17 @@ import hashlib
 import hmac
 import poplib
 import re
+import signal
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
+from tests.peers.clients import DevicePOP3, connect_from_device
 from tests.peers.dovecot import Dovecot, Mailbox, MailboxFactory
-from tests.peers.proxy import Event, ProxyProcess
+from tests.peers.proxy import Event, ProxyError, ProxyProcess
 
 TIMEOUT = 30.0
 MAX_LINE = 2048  # poplib's own limit
@@ -43,7 +46,8 @@ APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+@[^<>\s]+>")
 
 @contextlib.contextmanager
 def via_proxy(proxy: ProxyProcess) -> Iterator[poplib.POP3]:
-    pop = poplib.POP3("127.0.0.1", proxy.port, timeout=TIMEOUT)
+    """poplib through the proxy, from a loopback address of its own (see `session_of`)."""
+    pop = DevicePOP3("127.0.0.1", proxy.port, timeout=TIMEOUT)
     try:
         yield pop
     finally:
@@ -59,10 +63,9 @@ def direct(dovecot: Dovecot) -> Iterator[poplib.POP3_SSL]:
         pop.close()
 
 
-def session_of(proxy: ProxyProcess, pop: poplib.POP3) -> str:
-    """The proxy's ``session_id`` for a connected client."""
-    port: int = pop.sock.getsockname()[1]
-    return proxy.session_id_for(port)
+def session_of(proxy: ProxyProcess, pop: poplib.POP3 | socket.socket) -> str:
+    """The proxy's ``session_id`` for a connected client (its address and port are unique)."""
+    return proxy.session_id_for(pop)
 
 
 def shortcmd(pop: poplib.POP3, line: str) -> bytes:
@@ -121,7 +124,7 @@ def command_events(proxy: ProxyProcess, session_id: str) -> list[Event]:
 
 @contextlib.contextmanager
 def raw_proxy(proxy: ProxyProcess) -> Iterator[socket.socket]:
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+    with connect_from_device(proxy.port, timeout=TIMEOUT) as sock:
         yield sock
 
 
@@ -492,7 +495,7 @@ def test_pipelined_batch_is_byte_identical_to_direct(
         tls.sendall(wire)  # the whole batch in one write
         direct_replies = read_until_eof(tls, limit)
     with raw_proxy(proxy) as sock:
-        session_id = proxy.session_id_for(sock.getsockname()[1])
+        session_id = session_of(proxy, sock)
         greeting = read_line(sock)
         sock.sendall(wire)
         proxied_replies = read_until_eof(sock, limit)
@@ -565,7 +568,7 @@ def test_fifty_mib_message_is_byte_identical(
     with raw_direct(dovecot) as tls:
         direct_reply = fetch(tls)
     with raw_proxy(proxy) as sock:
-        session_id = proxy.session_id_for(sock.getsockname()[1])
+        session_id = session_of(proxy, sock)
         proxied_reply = fetch(sock)
 
     assert len(proxied_reply) == len(direct_reply)
@@ -583,6 +586,75 @@ def test_fifty_mib_message_is_byte_identical(
     proxy.wait_session_closed(session_id)
     retrs = [e for e in command_events(proxy, session_id) if e.get("verb") == "RETR"]
     assert [e.get("reply_octets") for e in retrs] == [len(proxied_reply)]
+
+
+# -- finding a session in the log ----------------------------------------------------------------
+
+
+def test_a_client_port_that_comes_back_is_not_taken_for_the_first_session(
+    proxy: ProxyProcess,
+) -> None:
+    """The kernel hands a client port out again sooner or later; here at once (same source
+    port, SO_REUSEADDR). A lookup by port must fail loudly, not return the first session;
+    a lookup by the whole address from a mark taken before connecting finds the second."""
+
+    def connect(port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(TIMEOUT)
+        sock.bind(("127.0.0.1", port))
+        sock.connect(("127.0.0.1", proxy.port))
+        return sock
+
+    with connect(0) as first:
+        port = first.getsockname()[1]
+        read_line(first)
+        first.sendall(b"QUIT\r\n")
+        assert read_line(first).startswith(b"+OK")
+        assert first.recv(1) == b""  # the proxy closed first: no TIME_WAIT on this side
+        first_id = proxy.session_id_for(first)
+    proxy.wait_session_closed(first_id)
+
+    mark = proxy.mark()
+    with connect(port) as second:
+        read_line(second)  # the greeting comes after session.opened: both are logged now
+        with pytest.raises(ProxyError, match="2 sessions of client"):
+            proxy.session_id_for(port)
+        with pytest.raises(ProxyError, match="2 sessions of client"):
+            proxy.session_id_for(second)
+        second_id = proxy.session_id_for(second, since=mark)
+        second.sendall(b"QUIT\r\n")
+        assert read_line(second).startswith(b"+OK")
+    assert second_id != first_id
+    assert proxy.sessions_opened(since=mark) == [second_id]
+
+
+def test_drain_started_comes_after_the_commands_completed_before_sigterm(
+    dovecot: Dovecot, mailbox: MailboxFactory, tmp_path: Path
+) -> None:
+    """``pop3.command`` lines wait for a batch; ``drain.started`` must not overtake them, so a
+    log reader can take it as a cut-off."""
+    box = mailbox([])
+    with ProxyProcess(
+        tmp_path / "proxy.log",
+        upstream_port=dovecot.port,
+        ca_file=dovecot.ca_pem_path,
+        server_name=dovecot.server_name,
+    ) as proxy:
+        with via_proxy(proxy) as pop:
+            session_id = session_of(proxy, pop)
+            login(pop, "USER", box.user, box.password)
+            assert pop.noop().startswith(b"+OK")  # completed: its line is logged or waiting
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait_for_event("drain.started")
+            assert pop.quit().startswith(b"+OK")  # a drain lets open sessions finish
+        assert proxy.wait_exit() == 0
+        events = proxy.events()
+    cut = next(n for n, e in enumerate(events) if e.get("event") == "drain.started")
+    before = [e.get("verb") for e in events[:cut] if e.get("event") == "pop3.command"]
+    after = [e.get("verb") for e in events[cut:] if e.get("event") == "pop3.command"]
+    assert (before, after) == (["USER", "PASS", "NOOP"], ["QUIT"]), events
+    assert all(e.get("session_id") == session_id for e in events if e.get("verb"))
 
 
 def test_mailbox_fixture_gives_fresh_users(mailbox: MailboxFactory) -> None:

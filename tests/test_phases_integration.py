@@ -6,6 +6,10 @@ upstream is contacted), ``warn`` (relayed, with the notice after ``+OK``), rules
 ``from`` date in the past and in the future, a user-name rule deciding at login, the
 dry-run mode, and a SIGHUP reload that changes a rule. The inventory records the verdicts
 and ``pop3proxy report`` shows the phases.
+
+The rules name those addresses, so many sessions of the shared proxy come from each: a test
+finds its own by the client's address and port among the sessions opened after a mark it
+took before connecting (``ProxyProcess.session_id_for``), never by rule or address alone.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -77,11 +81,19 @@ class SourcePOP3(poplib.POP3):
         )
 
 
-def first_line(port: int, source: str, timeout: float = 10.0) -> tuple[bytes, bool]:
+class FirstLine(NamedTuple):
+    line: bytes
+    closed: bool
+    #: The client's (address, port), for ``ProxyProcess.session_id_for``.
+    client: tuple[str, int]
+
+
+def first_line(port: int, source: str, timeout: float = 10.0) -> FirstLine:
     """The proxy's first line to a client from ``source``, and whether it then closed."""
     with socket.create_connection(
         ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
     ) as sock:
+        client = sock.getsockname()
         data = b""
         deadline = time.monotonic() + timeout
         while b"\n" not in data and time.monotonic() < deadline:
@@ -98,7 +110,7 @@ def first_line(port: int, source: str, timeout: float = 10.0) -> tuple[bytes, bo
         else:
             with contextlib.suppress(OSError):
                 sock.sendall(b"QUIT\r\n")
-        return line, closed
+        return FirstLine(line, closed, client)
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -150,23 +162,23 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float = 10.0) ->
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def sessions_from(proxy: ProxyProcess, source: str) -> list[str]:
-    return [
-        e["session_id"]
-        for e in proxy.find_events("session.opened")
-        if str(e.get("client", "")).rpartition(":")[0] == source
-    ]
+def verdict_of(proxy: ProxyProcess, session_id: str) -> dict[str, Any]:
+    """A session's ``policy.verdict`` at connect (logged before the greeting or refusal)."""
+    return proxy.wait_for_event(
+        "policy.verdict", lambda e: e.get("session_id") == session_id and e.get("user") is None
+    )
 
 
 def test_deny_refuses_before_the_upstream(phased: ProxyProcess) -> None:
-    line, closed = first_line(phased.port, "127.0.0.2")
+    mark = phased.mark()
+    line, closed, client = first_line(phased.port, "127.0.0.2")
     assert line.startswith(b"-ERR [SYS/PERM] ")
     assert b"995" in line
     assert b"TLS" in line
     assert closed
-    event = phased.wait_for_event("policy.verdict", lambda e: e.get("rule") == "deny-two")
-    assert (event["action"], event["dry_run"]) == ("deny", False)
-    session_id = event["session_id"]
+    session_id = phased.session_id_for(client, since=mark)
+    event = verdict_of(phased, session_id)
+    assert (event["rule"], event["action"], event["dry_run"]) == ("deny-two", "deny", False)
     phased.wait_session_closed(session_id)
     assert not [
         e
@@ -177,8 +189,10 @@ def test_deny_refuses_before_the_upstream(phased: ProxyProcess) -> None:
 
 def test_warn_relays_with_the_notice(phased: ProxyProcess, mailbox: MailboxFactory) -> None:
     box = mailbox([b"Subject: w\r\n\r\nwarned\r\n"])
+    mark = phased.mark()
     pop = SourcePOP3(phased.port, "127.0.0.3")
     try:
+        session_id = phased.session_id_for(pop, since=mark)
         welcome = pop.getwelcome().decode()
         pop.user(box.user)
         pop.pass_(box.password)
@@ -187,25 +201,38 @@ def test_warn_relays_with_the_notice(phased: ProxyProcess, mailbox: MailboxFacto
         pop.quit()
     assert welcome.startswith("+OK")
     assert NOTICE in welcome
-    event = phased.wait_for_event("policy.verdict", lambda e: e.get("rule") == "warn-three")
-    assert (event["action"], event["dry_run"]) == ("warn", False)
+    phased.wait_session_closed(session_id)
+    found = [e for e in phased.session_events(session_id) if e.get("event") == "policy.verdict"]
+    # At connect, and again at login (the rule still applies to the user).
+    assert [(e["rule"], e["action"], e["dry_run"], e["user"]) for e in found] == [
+        ("warn-three", "warn", False, None),
+        ("warn-three", "warn", False, box.user),
+    ]
 
 
 def test_from_date_rules(phased: ProxyProcess, mailbox: MailboxFactory) -> None:
     # Deny from 2099: not in force yet, so the session goes through unhindered.
     box = mailbox()
+    mark = phased.mark()
     pop = SourcePOP3(phased.port, "127.0.0.4")
     try:
+        future_session = phased.session_id_for(pop, since=mark)
         assert pop.getwelcome().startswith(b"+OK")
         pop.user(box.user)
         pop.pass_(box.password)
     finally:
         pop.quit()
     # Deny from 2020: in force.
-    line, closed = first_line(phased.port, "127.0.0.5")
+    mark = phased.mark()
+    line, closed, client = first_line(phased.port, "127.0.0.5")
     assert line.startswith(b"-ERR [SYS/PERM] ")
     assert closed
-    phased.wait_for_event("policy.verdict", lambda e: e.get("rule") == "past-cut")
+    past_session = phased.session_id_for(client, since=mark)
+    assert verdict_of(phased, past_session)["rule"] == "past-cut"
+    # Allowed sessions log no verdict; one would have come before the greeting.
+    phased.wait_session_closed(future_session)
+    future_events = phased.session_events(future_session)
+    assert not [e for e in future_events if e.get("event") == "policy.verdict"], future_events
     assert not verdicts(phased, "future-cut")
 
 
@@ -229,7 +256,9 @@ def test_user_rule_denies_at_login_without_the_credential(
             pop.quit()
         pop.close()  # quit() leaves the socket open when the proxy hung up first
     assert replies[-1].startswith(b"-ERR [SYS/PERM] ")
-    event = phased.wait_for_event("policy.verdict", lambda e: e.get("rule") == "blocked-users")
+    event = phased.wait_for_event(
+        "policy.verdict", lambda e: e.get("rule") == "blocked-users" and e.get("user") == user
+    )
     assert event["action"] == "deny"
     assert not phased.find_events(
         "pop3.login", lambda e: e.get("user") == user and e.get("result") == "success"
@@ -307,8 +336,7 @@ def test_dry_run_logs_would_deny_and_relays(
 def test_sighup_reload_changes_a_rule(dovecot: Dovecot, tmp_path: Path) -> None:
     proxy = start_proxy(dovecot, tmp_path, CONFIG)
     try:
-        line, _ = first_line(proxy.port, "127.0.0.3")
-        assert line.startswith(b"+OK")
+        assert first_line(proxy.port, "127.0.0.3").line.startswith(b"+OK")
         write_config(
             tmp_path / "proxy.toml",
             CONFIG.replace('phase = "warn"', 'phase = "deny"').replace("warn-three", "deny-three"),
@@ -318,12 +346,12 @@ def test_sighup_reload_changes_a_rule(dovecot: Dovecot, tmp_path: Path) -> None:
         process.send_signal(signal.SIGHUP)
 
         def refused() -> bool:
-            return first_line(proxy.port, "127.0.0.3")[0].startswith(b"-ERR [SYS/PERM] ")
+            return first_line(proxy.port, "127.0.0.3").line.startswith(b"-ERR [SYS/PERM] ")
 
         wait_for("the reloaded rule to refuse 127.0.0.3", refused)
         assert proxy.running
         assert proxy.find_events("policy.verdict", lambda e: e.get("rule") == "deny-three")
         # The rule for 127.0.0.2 did not change.
-        assert first_line(proxy.port, "127.0.0.2")[0].startswith(b"-ERR [SYS/PERM] ")
+        assert first_line(proxy.port, "127.0.0.2").line.startswith(b"-ERR [SYS/PERM] ")
     finally:
         proxy.stop()

@@ -1,4 +1,9 @@
-"""The legacy POP3 clients the proxy exists for, run for real: fetchmail and getmail6.
+"""The legacy POP3 clients the proxy exists for, run for real: fetchmail and getmail6; and
+plain sockets and ``poplib`` from a loopback address of their own.
+
+- :func:`device_address` hands out a new 127.x.y.z each call: a client connecting from it is
+  a device of its own, so its address and port name one session in the proxy's log for good
+  (ports alone come back). :func:`connect_from_device` and :class:`DevicePOP3` use it.
 
 Each ``run_*`` function writes a private configuration, runs the client once with a bounded
 timeout, and returns what it printed and the messages it delivered.
@@ -14,10 +19,14 @@ timeout, and returns what it printed and the messages it delivered.
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import os
+import poplib
 import pwd
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -25,9 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "DEVICE_NETWORK",
     "ClientMissingError",
     "ClientRun",
+    "DevicePOP3",
     "GetmailTrace",
+    "connect_from_device",
+    "device_address",
     "require_client",
     "run_fetchmail",
     "run_getmail",
@@ -44,6 +57,33 @@ set -eu
 n=$(ls "$1" | wc -l)
 cat > "$1/msg.$(printf %04d "$n")"
 """
+
+
+#: Where :func:`device_address` takes addresses from; 127.0.0.x is left to the tests that
+#: name addresses (allow lists, rules).
+DEVICE_NETWORK = ipaddress.IPv4Network("127.128.0.0/9")
+_device_numbers = itertools.count(1)
+
+
+def device_address() -> str:
+    """A loopback address no other client of this test run uses (the next of
+    :data:`DEVICE_NETWORK`, skipping those ending in .0 or .255)."""
+    while True:
+        address = DEVICE_NETWORK[next(_device_numbers) % DEVICE_NETWORK.num_addresses]
+        if address.packed[-1] not in (0, 255):
+            return str(address)
+
+
+def connect_from_device(port: int, *, timeout: float, host: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to ``host:port`` from a fresh :func:`device_address`."""
+    return socket.create_connection((host, port), timeout, source_address=(device_address(), 0))
+
+
+class DevicePOP3(poplib.POP3):
+    """``poplib.POP3`` from a fresh :func:`device_address`."""
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return connect_from_device(self.port, timeout=timeout, host=self.host)
 
 
 class ClientMissingError(RuntimeError):

@@ -2,6 +2,16 @@
 
 All of the child's output (stdout and stderr) goes to one file, so tests can both read the
 structured events and grep everything it ever wrote (the no-credential-leak tests do).
+
+Finding a test's own session in the log of a proxy that many tests share: client ports come
+back (the kernel hands them out again), so a port alone does not name a session.
+:meth:`ProxyProcess.session_id_for` matches the client's whole address, looks only at the
+sessions opened since a mark (:meth:`ProxyProcess.mark`; by default the start of the current
+test, see :func:`mark_every_log`) and fails when two sessions match instead of picking one. A
+client from an address of its own (``tests.peers.clients.device_address``) is unique by
+construction. ``pop3.command`` lines are delivered in batches: read them after
+:meth:`ProxyProcess.wait_session_closed` (``session.closed`` delivers the batch) or wait for
+the line itself.
 """
 
 from __future__ import annotations
@@ -9,15 +19,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 
-__all__ = ["ProxyError", "ProxyProcess"]
+__all__ = ["ClientRef", "ProxyError", "ProxyProcess", "mark_every_log"]
 
 Event = dict[str, Any]
 
@@ -26,7 +39,46 @@ _POLL = 0.02
 
 
 class ProxyError(RuntimeError):
-    """The proxy subprocess did not start, or an awaited event did not come."""
+    """The proxy subprocess did not start, an awaited event did not come, or a lookup was
+    ambiguous."""
+
+
+class _HasSockName(Protocol):
+    def getsockname(self) -> Any: ...
+
+
+class _HasSock(Protocol):
+    @property
+    def sock(self) -> Any: ...
+
+
+#: A client, as :meth:`ProxyProcess.session_id_for` takes it: its connected socket, an object
+#: with a ``sock`` (``poplib.POP3``, the tests' client classes), its ``(host, port)``, or its
+#: local port alone (any host).
+ClientRef = _HasSockName | _HasSock | tuple[str, int] | int
+
+#: Every started, not yet stopped proxy (for :func:`mark_every_log`).
+_RUNNING: weakref.WeakSet[ProxyProcess] = weakref.WeakSet()
+
+
+def mark_every_log() -> None:
+    """A test begins: from now on each running proxy's ``session_id_for`` looks only at
+    sessions opened by this test (an autouse fixture in ``tests/conftest.py`` calls it)."""
+    for proxy in list(_RUNNING):
+        proxy.test_mark = proxy.mark()
+
+
+def _client_address(client: ClientRef) -> tuple[str | None, int]:
+    """(host or None for any, port) of a client reference."""
+    if isinstance(client, int):
+        return None, client
+    if isinstance(client, tuple):
+        return str(client[0]), int(client[1])
+    sock = client if hasattr(client, "getsockname") else client.sock
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"not a client socket: {client!r}")
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
 
 
 class ProxyProcess:
@@ -66,6 +118,12 @@ class ProxyProcess:
         self._log: IO[bytes] | None = None
         self._port: int | None = None
         self._log_offset = 0
+        #: Where :meth:`session_id_for` starts looking by default (see :func:`mark_every_log`).
+        self.test_mark = 0
+        # The log parsed so far: (offset of the line, event) and where the next line starts.
+        self._parsed: list[tuple[int, Event]] = []
+        self._parsed_to = 0
+        self._parse_lock = threading.Lock()  # tests read the log from worker threads too
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -111,6 +169,9 @@ class ProxyProcess:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self._parse_lock:
+            self._parsed, self._parsed_to = [], self._log_offset
+        self.test_mark = self._log_offset
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             self.command(),
@@ -120,6 +181,7 @@ class ProxyProcess:
             env=self._environment(),
             cwd=_REPO_ROOT,  # ``-m pop3proxy`` finds this checkout first
         )
+        _RUNNING.add(self)
         try:
             event = self.wait_for_event("listener.started", timeout=timeout)
             address = str(event["address"])
@@ -131,6 +193,7 @@ class ProxyProcess:
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGINT, then SIGKILL after ``timeout`` s; returns the exit status (None if not run)."""
         proc, self._proc = self._proc, None
+        _RUNNING.discard(self)
         status: int | None = None
         if proc is not None:
             if proc.poll() is None:
@@ -204,27 +267,51 @@ class ProxyProcess:
     def log_text(self) -> str:
         return self.log_bytes().decode("utf-8", "replace")
 
-    def events(self) -> list[Event]:
-        """The JSON objects among the output lines, in order (other lines are skipped)."""
-        found: list[Event] = []
-        for raw in self.log_text().splitlines():
-            line = raw.strip()
-            if not line.startswith("{"):
-                continue
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                found.append(value)
-        return found
+    def mark(self) -> int:
+        """A place in the log: now. Pass it as ``since`` to look only at what comes after."""
+        return self.log_path.stat().st_size if self.log_path.exists() else self._log_offset
+
+    def _read_events(self) -> list[tuple[int, Event]]:
+        """Parse the complete lines written since the last call; all parsed so far."""
+        with self._parse_lock:
+            if not self.log_path.exists():
+                return list(self._parsed)
+            with self.log_path.open("rb") as f:
+                f.seek(self._parsed_to)
+                data = f.read()
+            end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+            offset = self._parsed_to
+            for raw in data[:end].splitlines(keepends=True):
+                line = raw.strip()
+                if line.startswith(b"{"):
+                    try:
+                        value = json.loads(line.decode("utf-8", "replace"))
+                    except ValueError:
+                        value = None
+                    if isinstance(value, dict):
+                        self._parsed.append((offset, value))
+                offset += len(raw)
+            self._parsed_to += end
+            return list(self._parsed)
+
+    def events(self, since: int | None = None) -> list[Event]:
+        """The JSON objects among the output lines, in order (other lines are skipped).
+
+        Only complete lines; with ``since`` (a :meth:`mark`), only the lines begun after it.
+        """
+        start = self._log_offset if since is None else since
+        return [event for offset, event in self._read_events() if offset >= start]
 
     def find_events(
-        self, name: str, predicate: Callable[[Event], bool] | None = None
+        self,
+        name: str,
+        predicate: Callable[[Event], bool] | None = None,
+        *,
+        since: int | None = None,
     ) -> list[Event]:
         return [
             e
-            for e in self.events()
+            for e in self.events(since)
             if e.get("event") == name and (predicate is None or predicate(e))
         ]
 
@@ -233,40 +320,82 @@ class ProxyProcess:
         name: str,
         predicate: Callable[[Event], bool] | None = None,
         timeout: float = 10.0,
+        *,
+        since: int | None = None,
     ) -> Event:
-        """The first event called ``name`` (matching ``predicate``); waits up to ``timeout`` s."""
+        """The first event called ``name`` (matching ``predicate``, logged after ``since``);
+        waits up to ``timeout`` s."""
+        matches = self._wait_for(
+            name, lambda: self.find_events(name, predicate, since=since), timeout
+        )
+        return matches[0]
+
+    def _wait_for(self, what: str, find: Callable[[], list[Event]], timeout: float) -> list[Event]:
+        """Poll ``find`` until it finds something, the proxy exits or ``timeout`` s pass."""
         deadline = time.monotonic() + timeout
         while True:
-            matches = self.find_events(name, predicate)
-            if matches:
-                return matches[0]
+            found = find()
+            if found:
+                return found
             proc = self._proc
             if proc is None or proc.poll() is not None:
                 # One last look: the line may have landed just before the exit.
-                matches = self.find_events(name, predicate)
-                if matches:
-                    return matches[0]
+                found = find()
+                if found:
+                    return found
                 status = None if proc is None else proc.returncode
                 raise ProxyError(
-                    f"the proxy is not running (exit status {status}) and logged no {name!r} "
+                    f"the proxy is not running (exit status {status}) and logged no {what!r} "
                     f"event; command {self.command()}; output:\n{self.log_text()[-4000:]}"
                 )
             if time.monotonic() >= deadline:
                 raise ProxyError(
-                    f"no {name!r} event within {timeout} s; output:\n{self.log_text()[-4000:]}"
+                    f"no {what!r} event within {timeout} s; output:\n{self.log_text()[-4000:]}"
                 )
             time.sleep(_POLL)
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def session_id_for(self, client_port: int, timeout: float = 10.0) -> str:
-        """The ``session_id`` of the session whose client used local port ``client_port``."""
-        event = self.wait_for_event(
+    def session_id_for(
+        self, client: ClientRef, timeout: float = 10.0, *, since: int | None = None
+    ) -> str:
+        """The ``session_id`` of the session ``client`` opened (waits for its ``session.opened``).
+
+        Only sessions opened after ``since`` count (default: since the current test began,
+        :attr:`test_mark`). Two matching sessions are an error, not a guess: give the client
+        an address of its own (``tests.peers.clients.device_address``) or a later mark.
+        """
+        host, port = _client_address(client)
+        start = self.test_mark if since is None else since
+
+        # As the proxy writes it in session.opened (IPv6 in brackets).
+        address = None if host is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+        def same_client(event: Event) -> bool:
+            client = str(event.get("client", ""))
+            if address is not None:
+                return client == address
+            return client.rpartition(":")[2] == str(port)
+
+        opened = self._wait_for(
             "session.opened",
-            lambda e: str(e.get("client", "")).rpartition(":")[2] == str(client_port),
-            timeout=timeout,
+            lambda: self.find_events("session.opened", same_client, since=start),
+            timeout,
         )
-        return str(event["session_id"])
+        if len(opened) > 1:
+            raise ProxyError(
+                f"{len(opened)} sessions of client {host or '*'}:{port} since offset {start}: "
+                f"{[e.get('session_id') for e in opened]}; which one is the test's is unknowable"
+            )
+        session_id = str(opened[0]["session_id"])
+        twins = self.find_events("session.opened", lambda e: e.get("session_id") == session_id)
+        if len(twins) > 1:  # 32 random bits: rare, but session_events would mix them
+            raise ProxyError(f"session id {session_id} was opened {len(twins)} times")
+        return session_id
+
+    def sessions_opened(self, since: int) -> list[str]:
+        """The ids of the sessions opened after mark ``since``, in order."""
+        return [str(e["session_id"]) for e in self.find_events("session.opened", since=since)]
 
     def session_events(self, session_id: str) -> list[Event]:
         return [e for e in self.events() if e.get("session_id") == session_id]
