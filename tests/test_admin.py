@@ -30,7 +30,7 @@ from pop3proxy.admin import http as admin_http
 from pop3proxy.app import AppContext
 from pop3proxy.config import Endpoint, Settings
 from pop3proxy.telemetry import Telemetry
-from tests.conftest import KIB
+from tests.conftest import KIB, SHARED_PROXY_ARGS
 from tests.peers.dovecot import Dovecot, MailboxFactory, make_message
 from tests.peers.proxy import ProxyProcess
 
@@ -115,13 +115,17 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def start_admin_proxy(
     dovecot: Dovecot, log_path: Path, *extra: str, admin: str = "127.0.0.1:0"
 ) -> ProxyProcess:
-    """A proxy in front of ``dovecot`` with its admin endpoint on ``admin`` (not started)."""
+    """A proxy in front of ``dovecot`` with its admin endpoint on ``admin`` (not started).
+
+    Its per-address login budget is lifted as for the shared proxy (``SHARED_PROXY_ARGS``):
+    tests here fail logins on purpose from 127.0.0.1, and repeated runs must not exhaust it.
+    """
     return ProxyProcess(
         log_path,
         upstream_port=dovecot.port,
         ca_file=dovecot.ca_pem_path,
         server_name=dovecot.server_name,
-        extra_args=["--admin", admin, "--readiness-cache", "0.2", *extra],
+        extra_args=[*SHARED_PROXY_ARGS, "--admin", admin, "--readiness-cache", "0.2", *extra],
     )
 
 
@@ -303,7 +307,9 @@ def test_readyz_follows_the_upstream_down_and_back(
         assert unhealthy.stdout.startswith("not ready: HTTP 503 refused"), unhealthy.stdout
         # A session now fails upstream, and is counted as such.
         with socket.create_connection(("127.0.0.1", admin.proxy.port), timeout=TIMEOUT) as sock:
+            failed = admin.proxy.session_id_for(sock.getsockname()[1])
             assert sock.recv(512).startswith(b"-ERR [SYS/TEMP]")
+        admin.proxy.wait_session_closed(failed)
     finally:
         dovecot.start()
     wait_until(lambda: admin.request("/readyz").status == 200, "/readyz to answer 200 again")
@@ -318,9 +324,12 @@ def test_readyz_follows_the_upstream_down_and_back(
     assert [e["ready"] for e in changes][-2:] == [False, True]
     box = mailbox([])
     pop = poplib.POP3("127.0.0.1", admin.proxy.port, timeout=TIMEOUT)
+    session_id = admin.proxy.session_id_for(pop.sock.getsockname()[1])
     pop.user(box.user)
     pop.pass_(box.password)
     pop.quit()
+    # Gone before the next test scrapes: the module's proxy counts every session.
+    admin.proxy.wait_session_closed(session_id)
 
 
 def test_client_networks_are_the_configured_ones(dovecot: Dovecot, tmp_path: Path) -> None:
