@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from pop3proxy.admin.auth import AdminToken, parse_admin_token, parse_admin_token_file
 from pop3proxy.migration.pseudonym import PseudonymKey, parse_pseudonym_key
 from pop3proxy.migration.rules import Rule, parse_rules
 from pop3proxy.policy import Network, parse_networks
@@ -362,6 +363,45 @@ def _parse_admin(raw: object) -> Endpoint | None:
                 raise ValueError("expected HOST:PORT, or http://HOST:PORT without a path")
             break
     return parse_endpoint(text, default_port=DEFAULT_ADMIN_PORT, allow_port_zero=True)
+
+
+#: The admin token itself: from the environment only, never a flag (argv is visible to every
+#: local user) and never echoed in an error.
+ADMIN_TOKEN_ENV: Final = ENV_PREFIX + "ADMIN_TOKEN"
+
+
+def _parse_host_names(raw: object) -> tuple[str, ...]:
+    names = []
+    for item in _items(raw, "a host name"):
+        name = item.lower().removesuffix(".")
+        problem = _host_problem(name)
+        if problem is not None:
+            raise ValueError(f"{item}: {problem}")
+        names.append(name)
+    return tuple(names)
+
+
+class _EnvironmentOnlyError(ConfigError):
+    """A problem with a setting only the environment can give: named by its variable."""
+
+    @property
+    def label(self) -> str:
+        return _env_name(self.setting)
+
+
+def _admin_token_from_env(environ: Mapping[str, str], from_file: object) -> AdminToken | None:
+    """``POP3PROXY_ADMIN_TOKEN``, checked like the token file (which it must not contradict)."""
+    raw = environ.get(ADMIN_TOKEN_ENV)
+    if not raw:
+        return None
+    if from_file is not None:
+        raise _EnvironmentOnlyError(
+            "admin_token", "set either it or --admin-token-file (POP3PROXY_ADMIN_TOKEN_FILE)"
+        )
+    try:
+        return parse_admin_token(raw.encode("utf-8", "surrogateescape"), "environment")
+    except ValueError as exc:
+        raise _EnvironmentOnlyError("admin_token", str(exc)) from None
 
 
 # -- end of admin endpoint parsers --------------------------------------------------------------
@@ -727,6 +767,29 @@ class Settings:
             default_text="127.0.0.1:9110; if that port is taken: a warning, no endpoint",
         ),
     )
+    admin_token_file: AdminToken | None = field(
+        default=None,
+        metadata=setting(
+            parse_admin_token_file,
+            "file holding the bearer token that /metrics, /events, /api/* and the dashboard "
+            "then require (16 to 1024 printable characters; or the token itself in "
+            f"{ADMIN_TOKEN_ENV}, never on the command line); SIGHUP re-reads it",
+            metavar="FILE",
+            default_text="none: no token asked for (a warning if --admin is not loopback)",
+        ),
+    )
+    admin_host_names: tuple[str, ...] = field(
+        default=(),
+        metadata=setting(
+            _parse_host_names,
+            "host names by which browsers and scrapers may reach the admin endpoint, besides "
+            "IP addresses, localhost and the --admin host; a request by another name gets 421 "
+            "unless it carries the token (DNS rebinding); repeat or comma-separate",
+            metavar="NAME",
+            default_text="none",
+            repeatable=True,
+        ),
+    )
     readiness_cache: float = field(
         default=5.0,
         metadata=setting(
@@ -901,4 +964,8 @@ def load_settings(
                 f"or set {spec.name} in the config file",
             )
         values[spec.name] = value
+    if wanted("admin_token_file"):
+        token = _admin_token_from_env(environ, values["admin_token_file"])
+        if token is not None:
+            values["admin_token_file"] = token
     return dataclasses.replace(Settings(), **values)
