@@ -252,6 +252,16 @@ class _Connection:
             self.pool = None
 
 
+class _SharedResult:
+    """One readiness check that several requests wait for."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: ReadinessResult | None = None
+
+
 class _Throttled:
     """Warnings a flood could repeat without end: one line per ``interval`` seconds per event,
     which says how many were held back since the last."""
@@ -296,6 +306,9 @@ class AdminServer:
         self.throttled = _Throttled(LOG_INTERVAL)
         #: Whether the listener is bound beyond loopback (set by ``admin_service``).
         self.exposed = False
+        #: Where shared work runs that no requester may cancel (set by ``admin_service``).
+        self.nursery: trio.Nursery | None = None
+        self._readiness_run: _SharedResult | None = None
         self._had_token = ctx.settings.admin_token_file is not None
         self.routes: Mapping[str, Handler] = {
             "/metrics": self._metrics,
@@ -487,11 +500,40 @@ class AdminServer:
             return _text(405, "only GET and HEAD", [("Allow", "GET, HEAD")])
         if request.path == "/healthz":
             return _text(200, "ok")
-        result = await self.readiness.check()
+        result = await self._readiness()
         detail = result.as_json(trio.current_time())
         if self._refusal(request, quiet=True) is not None:
             detail = {key: detail[key] for key in _READYZ_PUBLIC}
         return _json(200 if result.ready else 503, detail)
+
+    async def _readiness(self) -> ReadinessResult:
+        """The readiness answer, from a check run in the server's own task.
+
+        A requester may be dropped from the probes' pool (or give up) while the upstream is
+        being probed; were the probe running in its task, a flood of ``/readyz`` could cancel
+        every probe before it finished, and no answer would ever come.
+        """
+        if self.nursery is None:
+            return await self.readiness.check()
+        run = self._readiness_run
+        if run is None:
+            run = self._readiness_run = _SharedResult()
+            self.nursery.start_soon(self._check_readiness, run)
+        await run.done.wait()
+        assert run.result is not None
+        return run.result
+
+    async def _check_readiness(self, run: _SharedResult) -> None:
+        try:
+            run.result = await self.readiness.check()
+        except Exception as exc:
+            log.warning("admin.error", error_type=type(exc).__name__, error=str(exc)[:200])
+            run.result = ReadinessResult(
+                False, "internal_error", trio.current_time(), error=type(exc).__name__
+            )
+        finally:
+            self._readiness_run = None
+            run.done.set()
 
     async def _route(self, request: Request) -> Response:
         handler = self.routes.get(request.path)
@@ -655,7 +697,9 @@ async def admin_service(
                 "to 127.0.0.1",
             )
         task_status.started()
-        await trio.serve_listeners(server.handle, listeners)
+        async with trio.open_nursery() as nursery:
+            server.nursery = nursery
+            await trio.serve_listeners(server.handle, listeners)
     finally:
         ctx.telemetry.remove_sink(metrics.sink)
         ctx.telemetry.remove_sink(feed.sink)
