@@ -501,41 +501,82 @@ async def test_the_head_limit_counts_the_octets_received(
         assert answer.startswith(b"HTTP/1.1 431 "), (size, answer[:80])
 
 
+async def unfinished_head(host: str, port: int, client: str) -> trio.SocketStream:
+    """A connection from ``client`` (a 127.x.y.z address) whose request head never ends."""
+    stream = await trio.open_tcp_stream(host, port, local_address=client)
+    await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return stream
+
+
+async def wait_dropped(streams: list[trio.SocketStream], count: int) -> None:
+    """Wait until ``count`` of ``streams`` have been closed by the server unanswered."""
+    dropped = 0
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as readers:
+
+            async def read(stream: trio.SocketStream) -> None:
+                nonlocal dropped
+                assert await stream.receive_some() == b""
+                dropped += 1
+                if dropped == count:
+                    readers.cancel_scope.cancel()
+
+            for stream in streams:
+                readers.start_soon(read, stream)
+    assert dropped == count
+
+
 async def test_unfinished_heads_cannot_starve_the_probes(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """100 heads that never finish (more than the pool holds): the oldest are dropped, and
-    ``/healthz`` is answered 200 at once. (Before, 64 of them made every probe a 503.)"""
+    """100 heads that never finish, from 10 addresses (more than the pool holds): the oldest
+    are dropped, and ``/healthz`` is answered 200 at once. (Before, 64 of them made every
+    probe a 503.)"""
     monkeypatch.setattr(admin_http, "HEAD_TIMEOUT", 60.0)  # none of them times out here
     host, port = await start_in_process(nursery)
     pool = admin_http.MAX_PENDING_HEADS
+    assert admin_http.MAX_PENDING_HEADS_PER_CLIENT > 10  # only the pool's size drops here
     count = 100
     unfinished = []
     try:
-        for _ in range(count):
-            stream = await trio.open_tcp_stream(host, port)
-            unfinished.append(stream)
-            await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for number in range(count):
+            unfinished.append(await unfinished_head(host, port, f"127.0.1.{number % 10 + 1}"))
         answer = await ask(host, port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:80]
         assert answer.endswith(b"\r\n\r\nok\n")
         # Dropped, unanswered: every head beyond the pool's size (the probe's own included).
-        dropped = 0
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as readers:
-
-                async def read(stream: trio.SocketStream) -> None:
-                    nonlocal dropped
-                    assert await stream.receive_some() == b""
-                    dropped += 1
-                    if dropped == count + 1 - pool:
-                        readers.cancel_scope.cancel()
-
-                for stream in unfinished:
-                    readers.start_soon(read, stream)
-        assert dropped == count + 1 - pool
+        await wait_dropped(unfinished, count + 1 - pool)
     finally:
         for stream in unfinished:
+            await stream.aclose()
+
+
+async def test_a_flood_drops_the_flooders_heads_not_another_clients(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe whose head is slow to come (127.0.0.2) outlives floods of unfinished heads from
+    one address (127.0.0.1: only its own are dropped) and from ten (the biggest holders'
+    go first), then gets its answer."""
+    monkeypatch.setattr(admin_http, "HEAD_TIMEOUT", 60.0)
+    host, port = await start_in_process(nursery)
+    kubelet = await trio.open_tcp_stream(host, port, local_address="127.0.0.2")
+    flood = []
+    try:
+        await kubelet.send_all(b"GET /healthz HTTP/1.1\r\n")
+        for number in range(100):
+            flood.append(await unfinished_head(host, port, f"127.0.1.{number % 10 + 1}"))
+        for _ in range(100):
+            flood.append(await unfinished_head(host, port, "127.0.0.1"))
+        # Each head beyond the pool's size dropped one, and none of them was the probe's ...
+        await wait_dropped(flood, 1 + len(flood) - admin_http.MAX_PENDING_HEADS)
+        # ... which gets its answer once its head is complete.
+        with trio.fail_after(TIMEOUT):
+            await kubelet.send_all(b"Host: 127.0.0.1\r\n\r\n")
+            answer = await receive_all(kubelet)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:80]
+    finally:
+        await kubelet.aclose()
+        for stream in flood:
             await stream.aclose()
 
 
@@ -618,6 +659,18 @@ async def test_a_pool_drops_its_oldest_or_refuses() -> None:
     assert dropping.join(scopes[3], evict=True)
     assert not scopes[2].cancel_called
     assert dropping.dropped == 1
+    fair = admin_http._Pool("head", 3, per_client=2)
+    a1, a2, a3, b1, c1 = (trio.CancelScope() for _ in range(5))
+    for scope, client in ((a1, "a"), (a2, "a"), (b1, "b")):
+        assert fair.join(scope, evict=True, client=client)
+    assert fair.join(a3, evict=True, client="a")  # a's own oldest goes, not b's
+    assert [s.cancel_called for s in (a1, a2, b1)] == [True, False, False]
+    assert fair.join(c1, evict=True, client="c")  # full: the biggest holder's oldest goes
+    assert [s.cancel_called for s in (a2, a3, b1)] == [True, False, False]
+    fair.leave(a3)
+    fair.leave(b1)
+    fair.leave(c1)
+    assert len(fair) == 0
     member, newcomer = trio.CancelScope(), trio.CancelScope()
     refusing = admin_http._Pool("request", 1)
     assert refusing.join(member, evict=False)
@@ -674,21 +727,27 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.parametrize("addresses", [1, 8])
 def test_half_open_connections_hold_bounded_fds_and_never_the_probe(
-    dovecot: Dovecot, tmp_path: Path
+    dovecot: Dovecot, tmp_path: Path, addresses: int
 ) -> None:
-    """An outsider's 400 half-open connections from one address: the proxy holds at most the
-    pending-heads pool of them, and ``/healthz`` answers 200 throughout."""
+    """An outsider's 400 half-open connections, from one address or from eight: the proxy
+    holds at most the pending-heads budget of them, and ``/healthz`` answers 200 throughout."""
+    budget = min(admin_http.MAX_PENDING_HEADS, addresses * admin_http.MAX_PENDING_HEADS_PER_CLIENT)
     with start_admin_proxy(dovecot, tmp_path / "flood.log") as proxy:
         admin = AdminProxy(proxy)
         assert admin.request("/healthz").status == 200
         baseline = open_fds(proxy.pid)
-        bound = baseline + admin_http.MAX_PENDING_HEADS + 8  # + the probe and the accept race
+        bound = baseline + budget + 8  # + the probe and connections not yet dropped
         sockets: list[socket.socket] = []
         highest = baseline
         try:
             for number in range(400):
-                sock = socket.create_connection((admin.host, admin.port), timeout=TIMEOUT)
+                sock = socket.create_connection(
+                    (admin.host, admin.port),
+                    timeout=TIMEOUT,
+                    source_address=(f"127.0.2.{number % addresses + 1}", 0),
+                )
                 sockets.append(sock)
                 sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 if number % 50 == 49:
@@ -699,7 +758,7 @@ def test_half_open_connections_hold_bounded_fds_and_never_the_probe(
         finally:
             for sock in sockets:
                 sock.close()
-    assert highest <= bound, (baseline, highest)
+    assert highest <= bound, (baseline, highest, bound)
 
 
 # -- the admin token ------------------------------------------------------------------------------

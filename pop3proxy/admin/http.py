@@ -27,8 +27,9 @@ WebSocket too.
 
 Budgets, so that no outsider can starve the probes or make the proxy hold unbounded file
 descriptors: each connection is in one pool at a time. Reading its head (at most
-:data:`MAX_PENDING_HEADS`; when full, the oldest unfinished head is dropped to make room, so
-half-open connections can never keep a new one out); then, once routed, a probe
+:data:`MAX_PENDING_HEADS`, :data:`MAX_PENDING_HEADS_PER_CLIENT` of one address; when full,
+an unfinished head is dropped to make room, the flooding address's own first, so half-open
+connections can never keep a new one out); then, once routed, a probe
 (:data:`MAX_PROBES`, the oldest dropped when full), another request (:data:`MAX_REQUESTS`,
 503 when full) or a watcher (the feed's own cap, 503 when full); and after its response,
 lingering (:data:`MAX_LINGERING`, the oldest closed when full).
@@ -76,6 +77,8 @@ SEND_TIMEOUT: Final = 10.0
 REFUSAL_TIMEOUT: Final = 1.0
 #: Unfinished request heads at once; when full, the oldest is dropped for the newcomer.
 MAX_PENDING_HEADS: Final = 64
+#: Unfinished request heads of one client address; beyond, its own oldest is dropped.
+MAX_PENDING_HEADS_PER_CLIENT: Final = 16
 #: Probes (``/healthz``, ``/readyz``) being answered at once; when full, the oldest is dropped.
 MAX_PROBES: Final = 64
 #: Other requests (and WebSocket handshakes) being answered at once; more get 503.
@@ -199,49 +202,76 @@ def _load_static() -> dict[str, bytes]:
 class _Pool:
     """The connections in one phase of their life, at most ``size``, oldest first.
 
-    Each member is the cancel scope of a connection's task: cancelling it drops the connection.
+    Each member is the cancel scope of a connection's task: cancelling it drops the
+    connection. With ``per_client``, one client address holds at most that many: a newcomer
+    beyond it drops that client's own oldest, and when the pool is full the oldest member of
+    the client holding the most goes; a flood from one address never drops another's.
     """
 
-    __slots__ = ("_members", "dropped", "name", "size")
+    __slots__ = ("_by_client", "_members", "dropped", "name", "per_client", "size")
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, per_client: int | None = None) -> None:
         self.name = name
         self.size = size
+        self.per_client = per_client
         self.dropped = 0
-        self._members: dict[trio.CancelScope, None] = {}  # insertion order: oldest first
+        self._members: dict[trio.CancelScope, str | None] = {}  # insertion order: oldest first
+        self._by_client: dict[str | None, dict[trio.CancelScope, None]] = {}
 
     def __len__(self) -> int:
         return len(self._members)
 
-    def join(self, scope: trio.CancelScope, *, evict: bool) -> bool:
+    def join(self, scope: trio.CancelScope, *, evict: bool, client: str | None = None) -> bool:
         """Add ``scope``; when full, drop the oldest member (``evict``) or refuse (False)."""
+        mine = self._by_client.get(client, {}) if self.per_client is not None else {}
+        if self.per_client is not None and len(mine) >= self.per_client:
+            if not evict:
+                return False
+            self._drop(next(iter(mine)))
         if len(self._members) >= self.size:
             if not evict:
                 return False
-            oldest = next(iter(self._members))
-            del self._members[oldest]
-            oldest.cancel()
-            self.dropped += 1
-        self._members[scope] = None
+            if self.per_client is None:
+                self._drop(next(iter(self._members)))
+            else:
+                biggest = max(self._by_client.values(), key=len)
+                self._drop(next(iter(biggest)))
+        self._members[scope] = client
+        if self.per_client is not None:
+            self._by_client.setdefault(client, {})[scope] = None
         return True
 
     def leave(self, scope: trio.CancelScope) -> None:
-        self._members.pop(scope, None)
+        if scope not in self._members:
+            return
+        client = self._members.pop(scope)
+        theirs = self._by_client.get(client)
+        if theirs is not None:
+            theirs.pop(scope, None)
+            if not theirs:
+                del self._by_client[client]
+
+    def _drop(self, scope: trio.CancelScope) -> None:
+        self.leave(scope)
+        scope.cancel()
+        self.dropped += 1
 
 
 class _Connection:
-    """One admin connection: its cancel scope and the pool it is in (one at most)."""
+    """One admin connection: its cancel scope, its client address, and the pool it is in (one
+    at most)."""
 
-    __slots__ = ("pool", "scope")
+    __slots__ = ("client", "pool", "scope")
 
-    def __init__(self) -> None:
+    def __init__(self, client: str | None = None) -> None:
         self.scope = trio.CancelScope()
+        self.client = client
         self.pool: _Pool | None = None
 
     def move(self, pool: _Pool, *, evict: bool) -> bool:
         """Leave the current pool for ``pool``; False (in no pool) if ``pool`` refused."""
         self.leave()
-        if not pool.join(self.scope, evict=evict):
+        if not pool.join(self.scope, evict=evict, client=self.client):
             return False
         self.pool = pool
         return True
@@ -299,7 +329,7 @@ class AdminServer:
         self.feed = feed
         self.readiness = readiness
         self.static = _load_static()
-        self.heads = _Pool("head", MAX_PENDING_HEADS)
+        self.heads = _Pool("head", MAX_PENDING_HEADS, per_client=MAX_PENDING_HEADS_PER_CLIENT)
         self.probes = _Pool("probe", MAX_PROBES)
         self.requests = _Pool("request", MAX_REQUESTS)
         self.lingering = _Pool("linger", MAX_LINGERING)
@@ -321,7 +351,7 @@ class AdminServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One admin connection; never raises (``serve_listeners`` would stop on an error)."""
-        connection = _Connection()
+        connection = _Connection(_peer(stream))
         try:
             with connection.scope:
                 await self._handle(stream, connection)
@@ -367,7 +397,7 @@ class AdminServer:
             return
         if event is None:
             return
-        request = Request(event, _peer(stream))
+        request = Request(event, connection.client)
         head = request.method == "HEAD"
         if request.path in _PROBES:
             self._join(connection, self.probes, evict=True)
