@@ -191,7 +191,9 @@ def _since_date(text: str) -> object:
 def run_watch(settings: Settings, options: Mapping[str, Any]) -> int:
     """``pop3proxy watch``: follow the live session events of a running proxy."""
     watch = importlib.import_module("pop3proxy.watch")
-    status: int = watch.run_watch(settings.admin, as_json=bool(options.get("json")))
+    status: int = watch.run_watch(
+        settings.admin, as_json=bool(options.get("json")), token=settings.admin_credential
+    )
     return status
 
 
@@ -201,7 +203,9 @@ def run_healthcheck(settings: Settings, options: Mapping[str, Any]) -> int:
     if settings.admin is None or settings.admin.port == 0:
         print(f"{PROG} healthcheck: --admin: the admin endpoint is off", file=sys.stderr)
         return EXIT_START_FAILED
-    status: int = healthcheck.check(settings.admin, timeout=float(options["timeout"]))
+    status: int = healthcheck.check(
+        settings.admin, token=settings.admin_credential, timeout=float(options["timeout"])
+    )
     return status
 
 
@@ -328,7 +332,7 @@ COMMANDS: tuple[Command, ...] = (
         "serve) and print its sessions as they open, log in, run commands and close. "
         "Reconnects with back-off when the proxy restarts; Ctrl-C stops.",
         run=run_watch,
-        settings=("admin", "config"),
+        settings=("admin", "admin_token_file", "admin_token", "config"),
         options=(
             Option(
                 ("--json",),
@@ -347,7 +351,7 @@ COMMANDS: tuple[Command, ...] = (
         "whether it is ready: its upstream accepts verified TLS and greets +OK. For a Docker "
         "HEALTHCHECK; needs no curl.",
         run=run_healthcheck,
-        settings=("admin", "config"),
+        settings=("admin", "admin_token_file", "admin_token", "config"),
         options=(
             Option(
                 ("--timeout",),

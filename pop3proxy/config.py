@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from pop3proxy.admin.auth import AdminToken, parse_admin_token, parse_admin_token_file
 from pop3proxy.migration.pseudonym import (
     PseudonymKey,
     parse_pseudonym_key,
@@ -390,6 +391,28 @@ def _parse_admin(raw: object) -> Endpoint | None:
                 raise ValueError("expected HOST:PORT, or http://HOST:PORT without a path")
             break
     return parse_endpoint(text, default_port=DEFAULT_ADMIN_PORT, allow_port_zero=True)
+
+
+#: The admin token itself: from the environment only, never a flag (argv is visible to every
+#: local user) and never echoed in an error.
+ADMIN_TOKEN_ENV: Final = ENV_PREFIX + "ADMIN_TOKEN"
+
+
+def _parse_host_names(raw: object) -> tuple[str, ...]:
+    names = []
+    for item in _items(raw, "a host name"):
+        name = item.lower().removesuffix(".")
+        problem = _host_problem(name)
+        if problem is not None:
+            raise ValueError(f"{item}: {problem}")
+        names.append(name)
+    return tuple(names)
+
+
+def _parse_admin_token(raw: object) -> AdminToken:
+    """The admin token itself (read from the environment only)."""
+    text = _text(raw, "the token")
+    return parse_admin_token(text.encode("utf-8", "surrogateescape"), "environment")
 
 
 # -- end of admin endpoint parsers --------------------------------------------------------------
@@ -800,6 +823,45 @@ class Settings:
             default_text="127.0.0.1:9110; if that port is taken: a warning, no endpoint",
         ),
     )
+    admin_token_file: AdminToken | None = field(
+        default=None,
+        metadata=setting(
+            parse_admin_token_file,
+            "file holding the bearer token that /metrics, /events, /api/* and the dashboard "
+            "then require (16 to 1024 printable characters; or the token itself in "
+            f"{ADMIN_TOKEN_ENV}, never on the command line); SIGHUP re-reads it",
+            metavar="FILE",
+            default_text="none: no token asked for (a warning if --admin is not loopback)",
+            secret=True,
+        ),
+    )
+    admin_token: AdminToken | None = field(
+        default=None,
+        metadata=setting(
+            _parse_admin_token,
+            "the admin token itself, from the environment only",
+            metavar="TOKEN",
+            default_text="none",
+            secret=True,
+            origins=ENV_ONLY,
+            refused=f"the token itself is read only from the environment variable "
+            f"{ADMIN_TOKEN_ENV} (a command line is visible to every local user, a config file "
+            "to whoever reads it); or put it in a file and give --admin-token-file FILE",
+            excludes="admin_token_file",
+        ),
+    )
+    admin_host_names: tuple[str, ...] = field(
+        default=(),
+        metadata=setting(
+            _parse_host_names,
+            "host names by which browsers and scrapers may reach the admin endpoint, besides "
+            "IP addresses, localhost and the --admin host; a request by another name gets 421 "
+            "unless it carries the token (DNS rebinding); repeat or comma-separate",
+            metavar="NAME",
+            default_text="none",
+            repeatable=True,
+        ),
+    )
     readiness_cache: float = field(
         default=5.0,
         metadata=setting(
@@ -823,6 +885,11 @@ class Settings:
     def pseudonym_key(self) -> PseudonymKey | None:
         """The key for user-name pseudonyms, from its file or the environment; None: none."""
         return self.user_pseudonym_key_file or self.user_pseudonym_key
+
+    @property
+    def admin_credential(self) -> AdminToken | None:
+        """The token the admin endpoint asks for, from its file or the environment; None: none."""
+        return self.admin_token_file or self.admin_token
 
     @property
     def minimum_tls_version(self) -> ssl.TLSVersion:

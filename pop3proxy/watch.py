@@ -26,6 +26,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from pop3proxy.admin.auth import AdminToken
 from pop3proxy.admin.healthcheck import base_url
 from pop3proxy.config import Endpoint
 from pop3proxy.terminal import printable
@@ -174,18 +175,23 @@ async def follow(
     err: TextIO,
     as_json: bool = False,
     max_backoff: float = MAX_BACKOFF,
+    token: AdminToken | None = None,
 ) -> None:
     """Print the feed at ``url`` (``ws://HOST:PORT/events``) until cancelled; reconnect on loss.
 
+    ``token`` is sent as ``Authorization: Bearer`` (the proxy's ``--admin-token-file``).
+
     Raises:
-        WatchError: the endpoint rejected the WebSocket with a 4xx status (wrong address or
-            path: retrying would not help).
+        WatchError: the endpoint rejected the WebSocket with a 4xx status (wrong address,
+            path or token: retrying would not help).
     """
     backoff = INITIAL_BACKOFF
+    headers = [] if token is None else [(b"Authorization", token.header().encode("ascii"))]
     while True:
         try:
             async with open_websocket_url(
                 url,
+                extra_headers=headers,
                 connect_timeout=CONNECT_TIMEOUT,
                 disconnect_timeout=2,
                 max_message_size=16 * 1024 * 1024,
@@ -201,7 +207,10 @@ async def follow(
                         _show(record, out, as_json=as_json)
         except ConnectionRejected as exc:
             if 400 <= exc.status_code < 500:
-                raise WatchError(f"{url} refused the WebSocket: HTTP {exc.status_code}") from None
+                hint = _REJECTION_HINTS.get(exc.status_code, "")
+                raise WatchError(
+                    f"{url} refused the WebSocket: HTTP {exc.status_code}{hint}"
+                ) from None
             problem = f"HTTP {exc.status_code}"
         except ConnectionClosed as exc:
             name = exc.reason.name if exc.reason is not None else "no reason"
@@ -216,7 +225,21 @@ async def follow(
         backoff = min(backoff * 2, max_backoff)
 
 
-def run_watch(endpoint: Endpoint | None, *, as_json: bool = False) -> int:
+_REJECTION_HINTS: Final = {
+    401: (
+        " (the proxy asks for its admin token: give the same --admin-token-file, or set "
+        "POP3PROXY_ADMIN_TOKEN)"
+    ),
+    421: (
+        " (without its token the proxy answers only by IP address, localhost or a name in "
+        "its --admin-host-names)"
+    ),
+}
+
+
+def run_watch(
+    endpoint: Endpoint | None, *, as_json: bool = False, token: AdminToken | None = None
+) -> int:
     """``pop3proxy watch``: follow until Ctrl-C (exit 0); 1 if refused; 2 without an endpoint."""
     if endpoint is None or endpoint.port == 0:
         print(
@@ -226,7 +249,7 @@ def run_watch(endpoint: Endpoint | None, *, as_json: bool = False) -> int:
         return EXIT_USAGE
     url = base_url(endpoint, "ws") + "/events"
     try:
-        trio.run(lambda: follow(url, out=sys.stdout, err=sys.stderr, as_json=as_json))
+        trio.run(lambda: follow(url, out=sys.stdout, err=sys.stderr, as_json=as_json, token=token))
     except BaseException as exc:
         leaves = _leaves(exc)
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):

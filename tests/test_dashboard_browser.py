@@ -3,6 +3,11 @@ shows a session this test runs through the proxy (from the live feed) and the ch
 (from ``/api/summary``). Any JavaScript exception, ``console.error`` or browser error entry
 fails the test. A screenshot is saved as ``artifacts/dashboard.png`` (git-ignored) for CI.
 
+With an admin token, the browser is asked to log in (HTTP Basic) as a person would be: the
+test answers the browser's prompt (CDP ``Fetch.authRequired``) with any user name and the
+token as the password, and the page's own ``fetch`` calls and its WebSocket must then get in
+with the credentials the browser saved.
+
 Chromium is driven over the Chrome DevTools Protocol with the trio-websocket client.
 Debian's ``chromium`` package is installed by ``scripts/test``.
 """
@@ -53,30 +58,58 @@ Message = dict[str, Any]
 
 
 class Cdp:
-    """A minimal Chrome DevTools Protocol client: commands, and every event kept for later."""
+    """A minimal Chrome DevTools Protocol client: commands, and every event kept for later.
+
+    With ``credentials`` (user, password), it answers the browser's login prompts with them
+    and lets every request it intercepts go on (``Fetch.enable`` on a page session).
+    """
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         self.events: list[Message] = []
+        self.credentials: tuple[str, str] | None = None
+        self.challenges: list[Message] = []
         self._next_id = 0
 
     async def _receive(self) -> Message:
         message = json.loads(await self.ws.get_message())
         assert isinstance(message, dict)
+        if str(message.get("method", "")).startswith("Fetch."):
+            await self._answer_fetch(message)
         return message
+
+    async def _answer_fetch(self, message: Message) -> None:
+        params, session = message["params"], message.get("sessionId")
+        answer: Message = {"requestId": params["requestId"]}
+        if message["method"] == "Fetch.authRequired":
+            self.challenges.append(params["authChallenge"])
+            assert self.credentials is not None, "the browser asked for credentials"
+            user, password = self.credentials
+            answer["authChallengeResponse"] = {
+                "response": "ProvideCredentials",
+                "username": user,
+                "password": password,
+            }
+            await self._send("Fetch.continueWithAuth", answer, session)
+        else:  # Fetch.requestPaused: no change
+            await self._send("Fetch.continueRequest", answer, session)
+
+    async def _send(self, method: str, params: Message, session: str | None) -> int:
+        self._next_id += 1
+        request: Message = {"id": self._next_id, "method": method, "params": params}
+        if session is not None:
+            request["sessionId"] = session
+        await self.ws.send_message(json.dumps(request))
+        return self._next_id
 
     async def call(
         self, method: str, params: Message | None = None, session: str | None = None
     ) -> Message:
-        self._next_id += 1
-        request: Message = {"id": self._next_id, "method": method, "params": params or {}}
-        if session is not None:
-            request["sessionId"] = session
-        await self.ws.send_message(json.dumps(request))
+        request_id = await self._send(method, params or {}, session)
         with trio.fail_after(TIMEOUT):
             while True:
                 message = await self._receive()
-                if message.get("id") == self._next_id:
+                if message.get("id") == request_id:
                     if "error" in message:
                         raise AssertionError(f"{method}: {message['error']}")
                     result: Message = message.get("result", {})
@@ -136,12 +169,23 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
+DASHBOARD_TOKEN = "dashboard-" + "k3" * 12
+
+
+@pytest.fixture(scope="module", params=["open", "token"])
 def dashboard_proxy(
-    dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[AdminProxy]:
-    with start_admin_proxy(dovecot, tmp_path_factory.mktemp("dash") / "proxy.log") as proxy:
-        yield AdminProxy(proxy)
+    """The proxy without an admin token, then with one (``--admin-token-file``)."""
+    folder = tmp_path_factory.mktemp("dash")
+    extra: list[str] = []
+    token = None
+    if request.param == "token":
+        token = DASHBOARD_TOKEN
+        (folder / "admin-token").write_text(token + "\n")
+        extra = ["--admin-token-file", str(folder / "admin-token")]
+    with start_admin_proxy(dovecot, folder / "proxy.log", *extra) as proxy:
+        yield AdminProxy(proxy, token=token)
 
 
 @contextlib.asynccontextmanager
@@ -210,6 +254,13 @@ async def test_the_dashboard_shows_a_live_session_without_errors(
         session = attached["sessionId"]
         for domain in ("Runtime", "Log", "Page"):
             await cdp.call(f"{domain}.enable", session=session)
+        if admin.token is not None:  # the person at the browser knows the token
+            cdp.credentials = ("admin", admin.token)
+            await cdp.call(
+                "Fetch.enable",
+                {"handleAuthRequests": True, "patterns": [{"urlPattern": "*"}]},
+                session,
+            )
         await cdp.call(
             "Emulation.setDeviceMetricsOverride",
             {"width": 1280, "height": 1500, "deviceScaleFactor": 1, "mobile": False},
@@ -265,7 +316,8 @@ async def test_the_dashboard_shows_a_live_session_without_errors(
         )
         ARTIFACTS.mkdir(exist_ok=True)
         png = base64.b64decode(shot["data"])
-        (ARTIFACTS / "dashboard.png").write_bytes(png)
+        name = "dashboard.png" if admin.token is None else "dashboard-token.png"
+        (ARTIFACTS / name).write_bytes(png)
         assert png.startswith(b"\x89PNG")
         errors = cdp.page_errors()
         assert errors == [], json.dumps(errors, indent=1)[:4000]
@@ -274,3 +326,9 @@ async def test_the_dashboard_shows_a_live_session_without_errors(
         assert await cdp.evaluate(f"{banner}.hidden", session), await cdp.evaluate(
             f"{banner}.textContent", session
         )
+    if admin.token is not None:
+        # The browser asked once, for the page, and then sent what it saved by itself with
+        # the fetch calls and the WebSocket (the feed went live, the charts filled in).
+        assert [c["scheme"] for c in cdp.challenges] == ["basic"], cdp.challenges
+        assert cdp.challenges[0]["realm"] == "pop3proxy"
+        assert admin.proxy.find_events("admin.unauthorized")[0]["path"] == "/"

@@ -18,6 +18,10 @@
   read by the real settings loader.
 - Every ``POP3PROXY_*`` variable in any of them is a real setting with a value it accepts, and
   each shape gives the process longer to stop than the drain timeout.
+- The admin token: the Kubernetes manifests (admin on 0.0.0.0 for the kubelet's probes) and
+  Compose read it from a mounted Secret file (never a literal, never the token in an env
+  var; the Compose file's local copy git-ignored), and the image runs with one, its
+  ``HEALTHCHECK`` sending it.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ SYSTEMD_CONFIG = DEPLOY / "systemd" / "pop3proxy.toml"
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 DEFAULT_DRAIN = next(s for s in SETTINGS if s.name == "drain_timeout").default
 #: Settings whose parser reads a file that exists only where the proxy is deployed.
-FILE_SETTINGS = frozenset({"upstream_ca_file", "user_pseudonym_key_file", "config"})
+FILE_SETTINGS = frozenset(
+    {"upstream_ca_file", "user_pseudonym_key_file", "admin_token_file", "config"}
+)
 TIMEOUT = 30.0
 
 Manifest = dict[str, Any]
@@ -346,11 +352,12 @@ def run_env(image: Image, upstream: Dovecot, admin_port: int) -> dict[str, str]:
 def container(
     image: Image, upstream: Dovecot, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ImageProcess]:
-    process = ImageProcess(
-        tmp_path_factory.mktemp("container") / "stdout.log",
-        image,
-        run_env(image, upstream, free_port()),
-    )
+    folder = tmp_path_factory.mktemp("container")
+    env = run_env(image, upstream, free_port())
+    # As the manifests run it: with an admin token from a file (a test value, made here).
+    (folder / "admin-token").write_text("image-test-token-0123456789\n")
+    env["POP3PROXY_ADMIN_TOKEN_FILE"] = str(folder / "admin-token")
+    process = ImageProcess(folder / "stdout.log", image, env)
     process.start(timeout=TIMEOUT)
     try:
         yield process
@@ -429,6 +436,17 @@ def test_image_healthcheck_follows_the_upstream(
     image: Image, container: ImageProcess, upstream: Dovecot
 ) -> None:
     assert healthcheck_status(image, container.env) == 0
+    # It sent the token it read from the same setting: /readyz told it the details.
+    told = subprocess.run(
+        image.healthcheck,
+        cwd=image.workdir,
+        env=container.env,
+        capture_output=True,
+        text=True,
+        timeout=image.healthcheck_timeout,
+        check=False,
+    )
+    assert told.stdout.startswith(f"ready: upstream 127.0.0.1:{upstream.port}"), told
     upstream.stop(check_log=False)
     try:
         # /readyz caches its answer briefly; the health check must turn within a few seconds.
@@ -526,8 +544,13 @@ def _uid(stages: list[Stage]) -> int:
 
 
 def _check_pop3proxy_container(
-    container: Manifest, env: Mapping[str, str], grace: int, where: str
+    container: Manifest,
+    env: Mapping[str, str],
+    pod: Manifest,
+    where: str,
 ) -> None:
+    grace = pod["terminationGracePeriodSeconds"]
+    volumes = pod["volumes"]
     check_setting_values(env, where)
     # The kubelet probes the pod IP: the admin endpoint must listen beyond loopback, on the
     # port the probes name.
@@ -535,6 +558,19 @@ def _check_pop3proxy_container(
     assert admin.host == "0.0.0.0", f"{where}: probes cannot reach an admin on {admin.host}"
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     assert ports.get("admin") == admin.port
+    # ... so everything on it but the probes asks for a token, read from a mounted Secret
+    # (never a literal in the manifest, never the token itself in an env var).
+    assert "POP3PROXY_ADMIN_TOKEN" not in env, f"{where}: the token belongs in a Secret file"
+    token_file = env.get("POP3PROXY_ADMIN_TOKEN_FILE")
+    assert token_file, f"{where}: an admin endpoint beyond loopback needs a token"
+    mount = next(
+        (m for m in container["volumeMounts"] if token_file.startswith(m["mountPath"] + "/")),
+        None,
+    )
+    assert mount is not None, f"{where}: {token_file} is on no mounted volume"
+    assert mount.get("readOnly") is True
+    volume = next(v for v in volumes if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"], f"{where}: the token's volume must be a Secret"
     readiness = container["readinessProbe"]["httpGet"]
     liveness = container["livenessProbe"]["httpGet"]
     assert (readiness["path"], readiness["port"]) == ("/readyz", "admin")
@@ -578,7 +614,11 @@ def test_kubernetes_standalone_fits_together(stages: list[Stage]) -> None:
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     env = container_env(container, configmaps)
-    _check_pop3proxy_container(container, env, pod["terminationGracePeriodSeconds"], "standalone")
+    _check_pop3proxy_container(container, env, pod, "standalone")
+    # The Secret's file is readable by the pod's group only.
+    token_volume = next(v for v in pod["volumes"] if v["name"] == "admin-token")
+    assert token_volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == _uid(stages)
     _check_unprivileged_port_sysctl(pod)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == _uid(stages)
@@ -621,7 +661,10 @@ def test_kubernetes_sidecar_fits_together(stages: list[Stage]) -> None:
     assert sidecar["restartPolicy"] == "Always"
     assert "startupProbe" in sidecar
     env = container_env(sidecar, {})
-    _check_pop3proxy_container(sidecar, env, pod["terminationGracePeriodSeconds"], "sidecar")
+    _check_pop3proxy_container(sidecar, env, pod, "sidecar")
+    # The application's containers do not see the admin token.
+    for app in pod["containers"]:
+        assert all(m["name"] != "admin-token" for m in app.get("volumeMounts", [])), app["name"]
     _check_unprivileged_port_sysctl(pod)
     assert sidecar["securityContext"]["runAsNonRoot"] is True
     assert sidecar["securityContext"]["runAsUser"] == _uid(stages)
@@ -683,12 +726,20 @@ def test_compose_sidecar_fits_together(compose: Manifest) -> None:
     listen = parse_endpoint(env["POP3PROXY_LISTEN"], default_port=110)
     assert (listen.host, listen.port) == ("127.0.0.1", 110)
     assert "ports" not in proxy, "plaintext POP3 must not be published"
-    # The CA is a secret, mounted where POP3PROXY_UPSTREAM_CA_FILE says.
-    ca_path = env["POP3PROXY_UPSTREAM_CA_FILE"]
-    secret = ca_path.removeprefix("/run/secrets/")
-    assert ca_path == f"/run/secrets/{secret}"
-    assert secret in proxy["secrets"]
-    assert "file" in compose["secrets"][secret]
+    # The CA and the admin token are secrets, mounted where their settings say.
+    assert "POP3PROXY_ADMIN_TOKEN" not in env, "the token belongs in a secret file"
+    for setting in ("POP3PROXY_UPSTREAM_CA_FILE", "POP3PROXY_ADMIN_TOKEN_FILE"):
+        path = env[setting]
+        secret = path.removeprefix("/run/secrets/")
+        assert path == f"/run/secrets/{secret}", setting
+        assert secret in proxy["secrets"], setting
+        assert "file" in compose["secrets"][secret], setting
+        # Created next to the file and never committed.
+        local = COMPOSE_FILE.parent / compose["secrets"][secret]["file"]
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(local)], cwd=REPO_ROOT, check=False
+        )
+        assert ignored.returncode == 0, f"{local.name} is not git-ignored"
     # Docker waits longer than the drain before it kills.
     assert duration(proxy["stop_grace_period"]) > drain_of(env)
     assert any(str(v).endswith(":/var/lib/pop3proxy") for v in proxy["volumes"])

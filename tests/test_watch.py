@@ -31,8 +31,8 @@ TIMEOUT = 15.0
 class WatchProcess:
     """``python -m pop3proxy watch --admin ENDPOINT`` with its output collected line by line."""
 
-    def __init__(self, endpoint: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
+    def __init__(self, endpoint: str, env: dict[str, str] | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")} | (env or {})
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pop3proxy", "watch", "--admin", endpoint],
@@ -99,11 +99,11 @@ class WatchProcess:
 
 
 @pytest.fixture
-def watch_process() -> Iterator[Callable[[str], WatchProcess]]:
+def watch_process() -> Iterator[Callable[..., WatchProcess]]:
     started: list[WatchProcess] = []
 
-    def start(endpoint: str) -> WatchProcess:
-        process = WatchProcess(endpoint)
+    def start(endpoint: str, env: dict[str, str] | None = None) -> WatchProcess:
+        process = WatchProcess(endpoint, env)
         started.append(process)
         return process
 
@@ -149,7 +149,7 @@ def test_watch_prints_a_session_and_exits_cleanly_on_ctrl_c(
     dovecot: Dovecot,
     mailbox: MailboxFactory,
     tmp_path: Path,
-    watch_process: Callable[[str], WatchProcess],
+    watch_process: Callable[..., WatchProcess],
 ) -> None:
     box = mailbox([])
     with start_admin_proxy(dovecot, tmp_path / "proxy.log") as proxy:
@@ -175,7 +175,7 @@ def test_watch_reconnects_when_the_proxy_restarts(
     dovecot: Dovecot,
     mailbox: MailboxFactory,
     tmp_path: Path,
-    watch_process: Callable[[str], WatchProcess],
+    watch_process: Callable[..., WatchProcess],
 ) -> None:
     box = mailbox([])
     endpoint = f"127.0.0.1:{free_port()}"
@@ -192,6 +192,34 @@ def test_watch_reconnects_when_the_proxy_restarts(
         # The proxy stopped: watch notices and retries, then connects again.
         end = watch.wait_for(watch.err, lambda s: "retrying in" in s, "retry notice", connected)
     assert watch.interrupt() == 0
+
+
+def test_watch_sends_the_admin_token(
+    dovecot: Dovecot,
+    mailbox: MailboxFactory,
+    tmp_path: Path,
+    watch_process: Callable[..., WatchProcess],
+) -> None:
+    """With the proxy's token (here from POP3PROXY_ADMIN_TOKEN) watch follows; without it,
+    or with a wrong one, it stops at once with exit status 1 and says what to set."""
+    token = "watch-token-" + "w" * 20
+    box = mailbox([])
+    (tmp_path / "token").write_text(token + "\n")
+    with start_admin_proxy(
+        dovecot, tmp_path / "proxy.log", "--admin-token-file", str(tmp_path / "token")
+    ) as proxy:
+        admin = AdminProxy(proxy, token=token)
+        watch = watch_process(admin.endpoint, {"POP3PROXY_ADMIN_TOKEN": token})
+        watch.wait_for(watch.err, lambda s: s.startswith("watch: connected to ws://"), "connect")
+        session_lines(watch, run_session(proxy, box), box)
+        assert watch.interrupt() == 0
+        for env in ({}, {"POP3PROXY_ADMIN_TOKEN": "not-the-token-at-all"}):
+            refused = watch_process(admin.endpoint, env)
+            assert refused.proc.wait(timeout=TIMEOUT) == 1
+            refused.stop()
+            assert len(refused.err) == 1, refused.err
+            assert "HTTP 401 (the proxy asks for its admin token" in refused.err[0]
+            assert token not in refused.err[0]
 
 
 def test_watch_escapes_what_clients_sent() -> None:

@@ -11,6 +11,7 @@ which are already redacted: the metrics and the feed never see more than the log
 - :mod:`.readiness`: the cached upstream probe behind ``/readyz``;
 - :mod:`.feed`: WebSocket fan-out with a bounded queue per watcher that drops, never blocks;
 - :mod:`.http`: the listener, routing and limits; ``http.admin_service`` is the app service;
+- :mod:`.auth`: the admin token and the trusted ``Host`` names (standard library only);
 - :mod:`.healthcheck`: the ``pop3proxy healthcheck`` client (standard library only).
 
 Nothing is imported here, so ``pop3proxy healthcheck`` stays light.

@@ -4,7 +4,9 @@ For a Docker ``HEALTHCHECK`` in an image without curl. Standard library only
 (``http.client``), so it starts fast and needs nothing the image does not already have.
 It reads the same ``admin`` setting as ``serve`` (flag, ``POP3PROXY_ADMIN``, config file), so
 it finds the endpoint the proxy in the same container listens on; a wildcard listen address
-(``0.0.0.0:9110``) is reached over loopback.
+(``0.0.0.0:9110``) is reached over loopback. It reads the admin token the same way too
+(``--admin-token-file``, ``POP3PROXY_ADMIN_TOKEN``) and sends it: ``/readyz`` answers without
+one, but tells only ready or not and a one-word reason.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import sys
 from typing import TextIO
 
+from pop3proxy.admin.auth import AdminToken
 from pop3proxy.config import Endpoint
 
 __all__ = ["EXIT_NOT_READY", "EXIT_READY", "base_url", "check", "connect_host"]
@@ -37,12 +40,21 @@ def base_url(endpoint: Endpoint, scheme: str = "http") -> str:
     return f"{scheme}://{host}:{endpoint.port}"
 
 
-def check(endpoint: Endpoint, *, timeout: float = 5.0, out: TextIO = sys.stdout) -> int:
+def check(
+    endpoint: Endpoint,
+    *,
+    token: AdminToken | None = None,
+    timeout: float = 5.0,
+    out: TextIO = sys.stdout,
+) -> int:
     """Ask ``/readyz``; print one line; return :data:`EXIT_READY` or :data:`EXIT_NOT_READY`."""
     url = base_url(endpoint) + "/readyz"
     connection = http.client.HTTPConnection(connect_host(endpoint), endpoint.port, timeout=timeout)
+    headers = {"Accept": "application/json"}
+    if token is not None:
+        headers["Authorization"] = token.header()
     try:
-        connection.request("GET", "/readyz", headers={"Accept": "application/json"})
+        connection.request("GET", "/readyz", headers=headers)
         response = connection.getresponse()
         body = response.read(64 * 1024)
     except (OSError, http.client.HTTPException) as exc:
@@ -57,7 +69,10 @@ def check(endpoint: Endpoint, *, timeout: float = 5.0, out: TextIO = sys.stdout)
     if not isinstance(detail, dict):
         detail = {}
     if response.status == http.HTTPStatus.OK:
-        print(f"ready: upstream {detail.get('upstream')} ({detail.get('tls_version')})", file=out)
+        # Without the proxy's token (when it has one), /readyz tells no more than "ready".
+        upstream = detail.get("upstream")
+        where = f": upstream {upstream} ({detail.get('tls_version')})" if upstream else ""
+        print(f"ready{where}", file=out)
         return EXIT_READY
     reason = detail.get("reason") or response.reason
     error = detail.get("error")

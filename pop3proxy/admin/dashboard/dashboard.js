@@ -243,9 +243,11 @@
     setTimeout(pollSummary, SUMMARY_INTERVAL_MS);
     let summary = null;
     let ready = null;
+    let refused = 0;
     try {
       const response = await fetch("api/summary", { cache: "no-store" });
       if (response.ok) summary = await response.json();
+      else if (response.status === 401 || response.status === 421) refused = response.status;
       // /readyz answers 503 with the same JSON when the upstream is down (cached briefly).
       ready = await (await fetch("readyz", { cache: "no-store" })).json();
     } catch (err) {
@@ -255,6 +257,9 @@
     // problem.
     if (summary) renderSummary(summary);
     renderReady(ready);
+    // The token changed (401), or the page was opened by a name the proxy does not trust (421).
+    if (refused === 401) showError("the admin endpoint asks for its token again: reload the page to log in");
+    if (refused === 421) showError("open the dashboard by IP address, localhost or a name in --admin-host-names");
   }
 
   renderSessions();
