@@ -540,3 +540,102 @@ def test_report_does_not_create_the_state_dir(tmp_path: Path) -> None:
     assert result.returncode != 0, result
     assert "no inventory at" in result.stderr, result
     assert not state_dir.exists()
+
+
+# --- unknown POP3PROXY_* environment variables: an error, like unknown TOML keys ---------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("POP3PROXY_IDLE_TIMOUT", " (did you mean POP3PROXY_IDLE_TIMEOUT?)"),
+        ("POP3PROXY_UPSTREAM_CAFILE", " (did you mean POP3PROXY_UPSTREAM_CA_FILE?)"),
+        ("POP3PROXY_CONFIG_FILE", " (did you mean POP3PROXY_CONFIG?)"),
+        ("POP3PROXY_listen", " (did you mean POP3PROXY_LISTEN?)"),
+        ("POP3PROXY_", ""),
+        ("POP3PROXY_ZZZZZZZZZZZZZZZZZZZZZZ", ""),
+    ],
+)
+def test_an_unknown_env_var_is_named_with_a_hint(variable: str, hint: str) -> None:
+    error = load_error({}, {variable: "42"})
+    assert str(error) == f"pop3proxy: {variable}: unknown environment variable{hint}"
+    assert error.origin is Origin.ENV
+
+
+def test_an_unknown_env_var_is_an_error_whatever_the_command_reads() -> None:
+    for only in (None, ["admin", "config"], ["listen", "log_level", "log_format"]):
+        with pytest.raises(ConfigError, match="POP3PROXY_IDLE_TIMOUT: unknown"):
+            load_settings({}, {"POP3PROXY_IDLE_TIMOUT": "5"}, only=only)
+
+
+def test_env_vars_of_settings_another_command_reads_are_known() -> None:
+    """One environment serves several commands (``serve``, and ``healthcheck`` in the same
+    container): a variable of a setting this command does not read is not a typo."""
+    environ = {spec.env_var: "" for spec in SETTINGS}
+    environ |= {"POP3PROXY_UPSTREAM": "mail.example.com", "POP3PROXY_STATE_DIR": "/var/lib/x"}
+    environ |= {"POP3PROXY_IDLE_TIMEOUT": "5", "POP3PROXY_ADMIN": "127.0.0.1:9110"}
+    settings = load_settings({}, environ, only=["admin"])
+    assert settings.admin == Endpoint("127.0.0.1", 9110)
+    assert settings.idle_timeout == 600.0  # known, but not read by this command
+
+
+def test_env_vars_read_elsewhere_and_empty_unknown_ones_pass(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, "idle_timeout = 7\n")
+    environ = {
+        "POP3PROXY_CONFIG": str(config),  # the config file, not a field of Settings
+        "POP3PROXY_FUZZ_EXAMPLES": "5000",  # the test suite's fuzzing budget
+        "POP3PROXY_IDLE_TIMOUT": "",  # empty counts as unset, for unknown names too
+        "POP3PROXY": "x",  # not of the form POP3PROXY_NAME
+        "XPOP3PROXY_IDLE_TIMOUT": "x",
+    }
+    assert load_settings({}, environ).idle_timeout == 7.0
+
+
+def test_the_first_unknown_env_var_in_name_order_is_reported() -> None:
+    error = load_error({}, {"POP3PROXY_ZETA": "1", "POP3PROXY_ALPHA": "1"})
+    assert str(error).startswith("pop3proxy: POP3PROXY_ALPHA: ")
+
+
+def run_until_exit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pop3proxy", *args],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{args} ran for {START_TIMEOUT} s: {exc.stdout!r} {exc.stderr!r}")
+
+
+#: Each subcommand with arguments that would otherwise let it run (to a refused port).
+COMMAND_LINES = {
+    "serve": ["serve", "--upstream", "127.0.0.1:995", "--listen", "127.0.0.1:0", "--admin", "off"],
+    "demo": ["demo", "--listen", "127.0.0.1:0"],
+    "check": ["check", "--upstream", "127.0.0.1:995"],
+    "report": ["report", "--state-dir", ":memory:"],
+    "watch": ["watch", "--admin", "127.0.0.1:9"],
+    "healthcheck": ["healthcheck", "--admin", "127.0.0.1:9"],
+}
+
+
+def test_command_lines_cover_every_command() -> None:
+    from pop3proxy.cli import COMMANDS
+
+    assert sorted(COMMAND_LINES) == sorted(c.name for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_LINES))
+def test_every_command_exits_2_on_an_unknown_env_var(command: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
+    env |= {"POP3PROXY_IDLE_TIMOUT": "5", "XDG_DATA_HOME": str(tmp_path)}
+    result = run_until_exit(COMMAND_LINES[command], env)
+    assert result.returncode == 2, result
+    assert result.stderr == (
+        "pop3proxy: POP3PROXY_IDLE_TIMOUT: unknown environment variable "
+        "(did you mean POP3PROXY_IDLE_TIMEOUT?)\n"
+    )
+    assert result.stdout == ""
