@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,9 @@ class AppContext:
         listeners: the bound POP3 addresses, once listening.
         started_at: ``trio.current_time()`` at start-up.
         draining: set once SIGTERM/SIGINT started the graceful drain (readiness fails).
+        upstream_context: the TLS context new sessions use (replaced with ``settings`` on
+            SIGHUP), so that every consumer of the trust material (readiness, the metrics it
+            feeds) trusts exactly what the sessions trust.
     """
 
     settings: Settings
@@ -48,6 +52,7 @@ class AppContext:
     listeners: list[str] = field(default_factory=list)
     started_at: float = 0.0
     draining: bool = False
+    upstream_context: ssl.SSLContext | None = None
 
 
 #: A service runs until cancelled; it calls ``task_status.started()`` once it is ready, and
@@ -77,6 +82,7 @@ async def run(settings: Settings, reload: Callable[[], Settings] | None = None) 
     context = AppContext(settings=settings, telemetry=telemetry)
     context.started_at = trio.current_time()
     proxy = build_proxy(settings, context.telemetry, policies(settings))
+    context.upstream_context = proxy.context
     async with trio.open_nursery() as services:
         for service in SERVICES:
             await services.start(service, context)
@@ -168,7 +174,7 @@ class _Drain:
             )
             new = dataclasses.replace(new, listen=old.listen)
         self.proxy.reconfigure(new, tls, rules)
-        self.context.settings = new
+        self.context.settings, self.context.upstream_context = new, tls
         _log.info(
             "reload.done",
             allow=[str(n) for n in new.allow],

@@ -155,6 +155,13 @@ def _run_trio(main: Callable[[Settings], Awaitable[None]], settings: Settings) -
 
 def run_serve(settings: Settings, options: Mapping[str, Any]) -> int:
     """``pop3proxy serve``: run the proxy until a signal drains it (SIGHUP reloads)."""
+    if settings.inventory:  # a state dir that cannot be written is a configuration error
+        inventory = importlib.import_module("pop3proxy.migration.inventory")
+        try:
+            inventory.prepare_state_dir(settings.state_dir)
+        except ValueError as exc:
+            print(_one_line(str(ConfigError("state_dir", str(exc)))), file=sys.stderr)
+            return EXIT_USAGE
     app = importlib.import_module("pop3proxy.app")
     reload = options.get("reload_settings")
     return _run_trio(functools.partial(app.run, reload=reload), settings)

@@ -11,8 +11,9 @@ The table :data:`SETTINGS` is derived from those fields, and everything else com
 
 So adding a setting is one new field.  Precedence is flags > environment > TOML file
 (``--config FILE`` / ``POP3PROXY_CONFIG``) > defaults.  An empty environment variable counts as
-unset.  A parser receives the raw value (a string from a flag or the environment, or whatever
-type TOML produced) and returns the typed value or raises ``ValueError`` with a short problem
+unset; an unknown ``POP3PROXY_*`` one is an error, like an unknown key in the file.  A parser
+receives the raw value (a string from a flag or the environment, or whatever type TOML
+produced) and returns the typed value or raises ``ValueError`` with a short problem
 description; :func:`load_settings` turns that into one :class:`ConfigError` whose one-line
 message names the setting, where the value came from, the value and the problem.
 
@@ -978,6 +979,41 @@ def _read_config_file(path: Path, origin: Origin) -> dict[str, object]:
     return data
 
 
+#: ``POP3PROXY_*`` variables that are not settings but are read elsewhere: the test suite's
+#: number of fuzz examples (``tests/pop3/test_fuzz.py``).
+_OTHER_ENV_VARS: Final = frozenset({"POP3PROXY_FUZZ_EXAMPLES"})
+
+
+class _UnknownEnvironmentVariable(ConfigError):
+    """A ``POP3PROXY_*`` variable that no setting reads: a typo, like an unknown TOML key."""
+
+    def __init__(self, variable: str, known: Collection[str]) -> None:
+        self.variable = variable
+        # Compared without the shared prefix (which would make every name look close).
+        names = {name.removeprefix(ENV_PREFIX): name for name in known}
+        typed = variable.removeprefix(ENV_PREFIX).upper()
+        close = difflib.get_close_matches(typed, names, n=1) if typed else []
+        hint = f" (did you mean {names[close[0]]}?)" if close else ""
+        super().__init__("environment", f"unknown environment variable{hint}", origin=Origin.ENV)
+
+    @property
+    def label(self) -> str:
+        return self.variable
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    """Every non-empty ``POP3PROXY_*`` variable must be one that pop3proxy reads.
+
+    Whichever settings the command reads (``only``): the variables of the others are known
+    all the same, since one environment usually serves several commands (``serve`` and the
+    ``healthcheck`` of the same container). An empty one counts as unset, as for settings.
+    """
+    known = {spec.env_var for spec in (*SETTINGS, CONFIG_FILE)} | _OTHER_ENV_VARS
+    for variable in sorted(environ):
+        if variable.startswith(ENV_PREFIX) and variable not in known and environ[variable]:
+            raise _UnknownEnvironmentVariable(variable, sorted(known - _OTHER_ENV_VARS))
+
+
 def load_settings(
     flags: Mapping[str, object] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -998,11 +1034,13 @@ def load_settings(
         required: setting names that must end up with a value other than None.
 
     Raises:
-        ConfigError: for the first bad or missing value.
+        ConfigError: for the first bad or missing value, or a ``POP3PROXY_*`` environment
+            variable that no setting reads (a typo would silently keep the default).
     """
     flags = flags or {}
     environ = os.environ if environ is None else environ
     defaults = defaults or {}
+    _check_environment(environ)
 
     def wanted(name: str) -> bool:
         return only is None or name in only

@@ -24,7 +24,9 @@ from pop3proxy.streams import SocketStream, TLSStream
 __all__ = [
     "UpstreamError",
     "describe_peer",
+    "looks_like_tls",
     "make_upstream_context",
+    "not_tls_message",
     "open_upstream",
 ]
 
@@ -54,6 +56,16 @@ _VERSION_REASONS = frozenset(
 )
 
 
+#: A TLS record starts with its content type (RFC 8446 section 5.1: change_cipher_spec 20,
+#: alert 21, handshake 22, application_data 23; RFC 6520: heartbeat 24) and the major
+#: version 3 of its legacy_record_version. OpenSSL calls anything else a "wrong version
+#: number" (or, since 3.2, a "record layer failure"), which is what a plaintext port answers.
+_TLS_CONTENT_TYPES = range(20, 25)
+_TLS_MAJOR_VERSION = 3
+#: Octets of the server's first read kept for that diagnosis (and shown, if text).
+_FIRST_OCTETS = 64
+
+
 class UpstreamError(Exception):
     """Connecting to the upstream failed; safe to log.
 
@@ -61,7 +73,7 @@ class UpstreamError(Exception):
         phase: ``"connect"`` or ``"handshake"``.
         reason: a stable class for logs and metrics: ``refused``, ``unreachable``, ``timeout``,
             ``dns``, ``unknown_ca``, ``hostname_mismatch``, ``expired``, ``tls_version``,
-            ``tls_error``, ``closed``.
+            ``not_tls`` (the port answered in plaintext), ``tls_error``, ``closed``.
         message: the verifier's or the system's own words.
     """
 
@@ -121,7 +133,8 @@ async def open_upstream(
         ) from None
     except OSError as exc:
         raise UpstreamError("connect", _connect_reason(exc), _os_message(exc)) from None
-    tls = TLSStream(SocketStream.from_trio(tcp), context, server_hostname=server_name)
+    transport = _FirstOctetsStream(socket.socket(fileno=tcp.socket.detach()))
+    tls = TLSStream(transport, context, server_hostname=server_name)
     try:
         with trio.fail_after(handshake_timeout):
             await tls.do_handshake()
@@ -132,12 +145,52 @@ async def open_upstream(
         ) from None
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tls)
-        reason, message = _handshake_reason(exc.__cause__)
+        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason, message = _handshake_reason(exc.__cause__, transport.first, server)
         raise UpstreamError("handshake", reason, message) from None
     except BaseException:
         await trio.aclose_forcefully(tls)
         raise
+    tls.transport = SocketStream(transport.socket)  # the relay's reads skip the recording
     return tls
+
+
+class _FirstOctetsStream(SocketStream):
+    """The handshake's transport: keeps the start of the server's first read for diagnosis."""
+
+    __slots__ = ("first",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.first = b""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await super().receive_some(max_bytes)
+        if not self.first:
+            self.first = data[:_FIRST_OCTETS]
+        return data
+
+
+def looks_like_tls(first: bytes) -> bool:
+    """Whether a server's first octets can start a TLS record (content type, major version)."""
+    if not first:
+        return True  # nothing seen: no evidence against
+    if first[0] not in _TLS_CONTENT_TYPES:
+        return False
+    return len(first) < 2 or first[1] == _TLS_MAJOR_VERSION
+
+
+def not_tls_message(server: str, first: bytes) -> str:
+    """Say that ``server`` answered TLS with something else, quoting it if it is text."""
+    line = first.split(b"\n", 1)[0].rstrip(b"\r")
+    text = line.decode("ascii", "replace")
+    if line and text.isprintable():
+        return (
+            f"the server at {server} does not speak TLS: it sent {text!r} in plaintext "
+            "(probably a POP3 port without implicit TLS, e.g. 110 instead of 995)"
+        )
+    octets = first[:8].hex(" ")
+    return f"the server at {server} does not speak TLS: its first octets ({octets}) are not TLS"
 
 
 def _connect_reason(exc: OSError) -> str:
@@ -161,7 +214,20 @@ def _os_message(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _handshake_reason(cause: BaseException | None) -> tuple[str, str]:
+def _handshake_reason(
+    cause: BaseException | None, first: bytes = b"", server: str = "the upstream"
+) -> tuple[str, str]:
+    """The reason class and message of a failed handshake.
+
+    ``first`` is the start of what the server sent: if it cannot be TLS, the port speaks
+    something else (usually plaintext POP3), whatever words OpenSSL found for it.
+    """
+    if not looks_like_tls(first):
+        return "not_tls", not_tls_message(server, first)
+    return _tls_failure_reason(cause)
+
+
+def _tls_failure_reason(cause: BaseException | None) -> tuple[str, str]:
     if isinstance(cause, ssl.SSLCertVerificationError):
         reason = _VERIFY_REASONS.get(cause.verify_code, "tls_error")
         return reason, cause.verify_message or str(cause)

@@ -172,8 +172,10 @@ Calls = list[tuple[str, object]]
 
 
 @pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
+def calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Calls:
     """Stand-in ``pop3proxy.logs`` that records configure_logging calls."""
+    # ``serve`` creates its inventory folder before it starts: not in the user's home.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     recorded: Calls = []
     logs = types.ModuleType("pop3proxy.logs")
 
@@ -319,9 +321,10 @@ def sigint_not_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def test_real_serve_exits_0_on_sigint() -> None:
+def test_real_serve_exits_0_on_sigint(tmp_path: Path) -> None:
     """End to end with the real server: listening, then Ctrl-C, then a quiet exit 0."""
     args = ["serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--log-format", "json"]
+    args += ["--state-dir", str(tmp_path)]  # the inventory is created at start: not in ~
     with sigint_not_ignored():
         proc = subprocess.Popen(
             [sys.executable, "-m", "pop3proxy", *args],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -22,6 +24,7 @@ from pop3proxy.config import (
     Settings,
     load_settings,
 )
+from tests.peers.proxy import ProxyProcess
 
 
 def write_toml(tmp_path: Path, text: str, name: str = "pop3proxy.toml") -> Path:
@@ -581,3 +584,225 @@ def test_serve_exits_2_on_an_unmounted_key_without_echoing_it(tmp_path: Path) ->
         assert done.stderr.count("\n") == 1
         assert args[1] not in done.stderr
         assert done.stderr.startswith(f"pop3proxy: {args[0]}: ")
+
+
+# --- the inventory's state dir: checked when serve starts ------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: How long a proxy that should have refused to start may run before the test gives up.
+START_TIMEOUT = 20.0
+
+
+def serve_until_exit(*args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """``pop3proxy serve`` with ``args`` on a free port; fails the test if it keeps running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
+    env.update(env_vars)
+    command = [sys.executable, "-m", "pop3proxy", "serve", "--upstream", "127.0.0.1:995"]
+    command += ["--listen", "127.0.0.1:0", "--admin", "off", "--log-format", "json", *args]
+    try:
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the proxy started and ran for {START_TIMEOUT} s: {exc.stdout!r}")
+
+
+def unwritable_state_dirs(tmp_path: Path) -> list[tuple[str, str]]:
+    """Every way the first inventory write would fail, as (--state-dir, the problem)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n")
+    db_is_a_folder = tmp_path / "db-is-a-folder"
+    (db_is_a_folder / "inventory.sqlite3").mkdir(parents=True)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "inventory.sqlite3").write_bytes(b"not SQLite at all\n" * 512)
+    cases = [
+        ("/proc/nope", "/proc/nope: cannot create the folder: No such file or directory"),
+        (f"{a_file}/inventory", f"{a_file}/inventory: cannot create the folder: Not a directory"),
+        # sysfs never lets anyone (root included) create a file in it.
+        ("/sys", "/sys: cannot write in the folder: Permission denied"),
+        (
+            str(db_is_a_folder),
+            f"{db_is_a_folder}/inventory.sqlite3: cannot write the inventory database: "
+            "unable to open database file",
+        ),
+        (
+            str(corrupt),
+            f"{corrupt}/inventory.sqlite3: cannot write the inventory database: "
+            "file is not a database",
+        ),
+    ]
+    if os.geteuid() != 0:  # root writes in a folder of mode 0500 all the same
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o500)
+        cases.append(
+            (str(read_only), f"{read_only}: cannot write in the folder: Permission denied")
+        )
+    return cases
+
+
+def test_a_state_dir_that_cannot_be_written_stops_serve_with_one_line(tmp_path: Path) -> None:
+    for state_dir, problem in unwritable_state_dirs(tmp_path):
+        result = serve_until_exit("--state-dir", state_dir)
+        assert result.returncode == 2, (state_dir, result)
+        assert result.stderr == f"pop3proxy: --state-dir: {problem}\n", state_dir
+        assert "listener.started" not in result.stdout
+
+
+def test_the_default_state_dir_is_checked_too(tmp_path: Path) -> None:
+    blocked = tmp_path / "data-home"
+    blocked.write_text("a file where the data folder should be\n")
+    result = serve_until_exit(XDG_DATA_HOME=str(blocked))
+    assert result.returncode == 2, result
+    assert result.stderr == (
+        f"pop3proxy: --state-dir: {blocked}/pop3proxy: cannot create the folder: Not a directory\n"
+    )
+
+
+def test_a_missing_state_dir_is_created_private_at_start(tmp_path: Path) -> None:
+    state_dir = tmp_path / "new" / "state"
+    proxy = ProxyProcess(
+        tmp_path / "proxy.log",
+        upstream_port=995,
+        ca_file=None,
+        extra_args=["--state-dir", str(state_dir)],
+    )
+    with proxy:
+        # Before any session: the folder (0700) and a database that can be written.
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        database = state_dir / "inventory.sqlite3"
+        with sqlite3.connect(database) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        assert {"clients", "users", "daily"} <= tables
+    assert [p.name for p in state_dir.iterdir()] == ["inventory.sqlite3"]  # no probe left
+
+
+def test_inventory_off_or_in_memory_needs_no_state_dir(tmp_path: Path) -> None:
+    for args in (["--inventory", "off", "--state-dir", "/proc/nope"], ["--state-dir", ":memory:"]):
+        proxy = ProxyProcess(
+            tmp_path / "proxy.log", upstream_port=995, ca_file=None, extra_args=args
+        )
+        with proxy:
+            assert proxy.running, args
+
+
+def test_report_does_not_create_the_state_dir(tmp_path: Path) -> None:
+    state_dir = tmp_path / "never-ran"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pop3proxy", "report", "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        cwd=REPO_ROOT,
+        env=env,
+        check=False,
+    )
+    assert result.returncode != 0, result
+    assert "no inventory at" in result.stderr, result
+    assert not state_dir.exists()
+
+
+# --- unknown POP3PROXY_* environment variables: an error, like unknown TOML keys ---------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("POP3PROXY_IDLE_TIMOUT", " (did you mean POP3PROXY_IDLE_TIMEOUT?)"),
+        ("POP3PROXY_UPSTREAM_CAFILE", " (did you mean POP3PROXY_UPSTREAM_CA_FILE?)"),
+        ("POP3PROXY_CONFIG_FILE", " (did you mean POP3PROXY_CONFIG?)"),
+        ("POP3PROXY_listen", " (did you mean POP3PROXY_LISTEN?)"),
+        ("POP3PROXY_", ""),
+        ("POP3PROXY_ZZZZZZZZZZZZZZZZZZZZZZ", ""),
+    ],
+)
+def test_an_unknown_env_var_is_named_with_a_hint(variable: str, hint: str) -> None:
+    error = load_error({}, {variable: "42"})
+    assert str(error) == f"pop3proxy: {variable}: unknown environment variable{hint}"
+    assert error.origin is Origin.ENV
+
+
+def test_an_unknown_env_var_is_an_error_whatever_the_command_reads() -> None:
+    for only in (None, ["admin", "config"], ["listen", "log_level", "log_format"]):
+        with pytest.raises(ConfigError, match="POP3PROXY_IDLE_TIMOUT: unknown"):
+            load_settings({}, {"POP3PROXY_IDLE_TIMOUT": "5"}, only=only)
+
+
+def test_env_vars_of_settings_another_command_reads_are_known() -> None:
+    """One environment serves several commands (``serve``, and ``healthcheck`` in the same
+    container): a variable of a setting this command does not read is not a typo."""
+    environ = {spec.env_var: "" for spec in SETTINGS}
+    environ |= {"POP3PROXY_UPSTREAM": "mail.example.com", "POP3PROXY_STATE_DIR": "/var/lib/x"}
+    environ |= {"POP3PROXY_IDLE_TIMEOUT": "5", "POP3PROXY_ADMIN": "127.0.0.1:9110"}
+    settings = load_settings({}, environ, only=["admin"])
+    assert settings.admin == Endpoint("127.0.0.1", 9110)
+    assert settings.idle_timeout == 600.0  # known, but not read by this command
+
+
+def test_env_vars_read_elsewhere_and_empty_unknown_ones_pass(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, "idle_timeout = 7\n")
+    environ = {
+        "POP3PROXY_CONFIG": str(config),  # the config file, not a field of Settings
+        "POP3PROXY_FUZZ_EXAMPLES": "5000",  # the test suite's fuzzing budget
+        "POP3PROXY_IDLE_TIMOUT": "",  # empty counts as unset, for unknown names too
+        "POP3PROXY": "x",  # not of the form POP3PROXY_NAME
+        "XPOP3PROXY_IDLE_TIMOUT": "x",
+    }
+    assert load_settings({}, environ).idle_timeout == 7.0
+
+
+def test_the_first_unknown_env_var_in_name_order_is_reported() -> None:
+    error = load_error({}, {"POP3PROXY_ZETA": "1", "POP3PROXY_ALPHA": "1"})
+    assert str(error).startswith("pop3proxy: POP3PROXY_ALPHA: ")
+
+
+def run_until_exit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pop3proxy", *args],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{args} ran for {START_TIMEOUT} s: {exc.stdout!r} {exc.stderr!r}")
+
+
+#: Each subcommand with arguments that would otherwise let it run (to a refused port).
+COMMAND_LINES = {
+    "serve": ["serve", "--upstream", "127.0.0.1:995", "--listen", "127.0.0.1:0", "--admin", "off"],
+    "demo": ["demo", "--listen", "127.0.0.1:0"],
+    "check": ["check", "--upstream", "127.0.0.1:995"],
+    "report": ["report", "--state-dir", ":memory:"],
+    "watch": ["watch", "--admin", "127.0.0.1:9"],
+    "healthcheck": ["healthcheck", "--admin", "127.0.0.1:9"],
+}
+
+
+def test_command_lines_cover_every_command() -> None:
+    from pop3proxy.cli import COMMANDS
+
+    assert sorted(COMMAND_LINES) == sorted(c.name for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_LINES))
+def test_every_command_exits_2_on_an_unknown_env_var(command: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
+    env |= {"POP3PROXY_IDLE_TIMOUT": "5", "XDG_DATA_HOME": str(tmp_path)}
+    result = run_until_exit(COMMAND_LINES[command], env)
+    assert result.returncode == 2, result
+    assert result.stderr == (
+        "pop3proxy: POP3PROXY_IDLE_TIMOUT: unknown environment variable "
+        "(did you mean POP3PROXY_IDLE_TIMEOUT?)\n"
+    )
+    assert result.stdout == ""

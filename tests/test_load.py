@@ -28,7 +28,9 @@ import pytest
 import trio
 import trustme
 
-from tests.peers.dovecot import Dovecot, Mailbox, make_message
+from tests.conftest import MIB
+from tests.peers.dovecot import Dovecot, Mailbox, MailboxFactory, make_message
+from tests.peers.pipelined import Login, StressTally, compare, reference_transcript, run_round
 from tests.peers.proxy import ProxyProcess
 
 SESSIONS = 1000
@@ -258,3 +260,78 @@ async def test_thousand_concurrent_sessions(
         f"{SESSIONS} concurrent sessions in {elapsed:.1f} s "
         f"({math.floor(SESSIONS / elapsed)} sessions/s)"
     )
+
+
+# -- pipelined RETR + QUIT under parallel load, byte-compared with direct POP3S -----------------
+#
+# Reported once and never reproduced: a pipelined batch ending in RETR <1 MiB> + QUIT lost its
+# last 21 octets under heavy parallel load. This is the bounded version of
+# ``bench/pipelined_stress.py`` (see tests/peers/pipelined.py for what a session does).
+
+STRESS_PARALLEL = 16
+STRESS_ROUNDS = 4
+STRESS_SLOW_EVERY = 3
+STRESS_MAILBOXES = 4
+STRESS_TIMEOUT = 60.0
+
+
+async def test_parallel_pipelined_retr_quit_sessions_lose_no_octet(
+    proxy: ProxyProcess, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    logins: list[tuple[Login, bytes]] = []
+    for n in range(STRESS_MAILBOXES):
+        message = make_message(MIB, subject=f"pipelined stress {n}", dot_lines=True)
+        box = mailbox([message])
+        login = Login(box.user, box.password)
+        with trio.fail_after(STRESS_TIMEOUT):
+            expected = await reference_transcript(
+                dovecot.port,
+                login,
+                tls=dovecot.client_ssl_context(),
+                server_name=dovecot.server_name,
+            )
+        status, _, rest = expected.partition(b"\r\n")
+        assert status.startswith(b"+OK"), status
+        body, terminator, quit_reply = rest.partition(b"\r\n.\r\n")
+        assert undot(body + b"\r\n") == message, "the reference RETR differs from the message"
+        assert terminator
+        assert quit_reply.startswith(b"+OK"), quit_reply
+        logins.append((login, expected))
+
+    tally = StressTally()
+    for _ in range(STRESS_ROUNDS):
+        await run_round(
+            tally,
+            proxy.port,
+            logins,
+            parallel=STRESS_PARALLEL,
+            slow_every=STRESS_SLOW_EVERY,
+            session_timeout=STRESS_TIMEOUT,
+        )
+    assert tally.mismatches == [], "\n".join(m.describe() for m in tally.mismatches[:10])
+    assert tally.sessions == STRESS_PARALLEL * STRESS_ROUNDS
+    assert (
+        tally.octets_compared
+        == sum(len(logins[i % STRESS_MAILBOXES][1]) for i in range(STRESS_PARALLEL)) * STRESS_ROUNDS
+    )
+    print(
+        f"{tally.sessions} pipelined RETR+QUIT sessions ({tally.slow_sessions} slow readers), "
+        f"{tally.octets_compared} octets compared, {len(tally.mismatches)} mismatches"
+    )
+
+
+def test_the_comparison_reports_a_lost_tail() -> None:
+    """The check itself can fail: 21 octets missing at the end are named as such."""
+    expected = b"+OK 5 octets\r\nhello\r\n.\r\n+OK Logging out.\r\n"
+    assert compare(0, False, expected, expected) is None
+    truncated = compare(7, True, expected, expected[:-21])
+    assert truncated is not None
+    assert truncated.is_truncation
+    assert truncated.describe() == (
+        f"session 7 (slow reader): {len(expected) - 21} octets instead of {len(expected)}; "
+        f"the first {len(expected) - 21} agree, 21 missing at the end"
+    )
+    changed = compare(1, False, expected, expected.replace(b"hello", b"hellO"))
+    assert changed is not None
+    assert not changed.is_truncation
+    assert changed.common_prefix == expected.index(b"hello") + 4

@@ -12,6 +12,7 @@ upstream is fixed (the test server swaps in a good certificate, or starts listen
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -23,9 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
 
+from pop3proxy.tls import (
+    UpstreamError,
+    _handshake_reason,
+    looks_like_tls,
+    make_upstream_context,
+    open_upstream,
+)
 from tests.peers.proxy import ProxyProcess
+from tests.peers.threaded_server import ThreadedServer
 from tests.peers.tls_servers import (
     GREETING,
     ConnectionRecord,
@@ -36,6 +46,7 @@ from tests.peers.tls_servers import (
     tls11_client_context,
     tls11_only_context,
 )
+from tests.test_admin import AdminProxy
 
 SERVER_NAME = "pop.test"
 CLIENT_TIMEOUT = 20.0
@@ -338,3 +349,210 @@ def test_sslkeylogfile_in_environment_is_ignored(
     # ... then not even the file: ``ssl.create_default_context()`` opens it (and writes its
     # header line) as soon as the variable is set, before any ``keylog_filename = None``.
     assert not keylog.exists(), f"the proxy created {keylog.name}: {written[:200]!r}"
+
+
+# -- a port that does not speak TLS at all ---------------------------------------------------------
+#
+# The family: every way a server that does not speak TLS can answer a ClientHello. It greets
+# first in plaintext (POP3 on 110), or answers the ClientHello in plaintext (a server that
+# waits for its client), or sends a few octets and closes (fewer than a TLS record header), or
+# answers in binary that is no TLS record. OpenSSL calls these "wrong version number",
+# "record layer failure" (3.2+) or an EOF; each must be reported as ``not_tls``, while octets
+# that do start a TLS record keep their own classes (the TLS 1.1 server above: tls_version).
+
+PLAINTEXT_GREETING = b"+OK plaintext POP3 ready\r\n"
+
+
+@dataclass(frozen=True)
+class NotTls:
+    """What the server sends: ``greeting`` on connect, ``answer`` to the first bytes it reads,
+    then with ``close`` its end of stream (it hangs up). It reads until the client closes, so
+    that it never resets the connection with unread data (which could overtake its octets)."""
+
+    greeting: bytes = b""
+    answer: bytes = b""
+    close: bool = False
+    shown: str | None = None  # the text the message must quote, if any
+
+
+NOT_TLS = {
+    "pop3-greeting": NotTls(greeting=PLAINTEXT_GREETING, shown="+OK plaintext POP3 ready"),
+    "answers-the-hello": NotTls(answer=b"-ERR unknown command\r\n", shown="-ERR unknown command"),
+    "few-octets-then-close": NotTls(greeting=b"+OK", close=True, shown="+OK"),
+    "binary": NotTls(greeting=b"\x00\x00\x00\x01binary protocol", close=True),
+}
+
+
+class PlaintextServer(ThreadedServer):
+    """A server on loopback that answers like ``behaviour`` and records what it received."""
+
+    def __init__(self, behaviour: NotTls) -> None:
+        super().__init__(max_connections=32, io_timeout=10.0, lifetime=300.0)
+        self.behaviour = behaviour
+        self.received: list[bytearray] = []
+
+    def _connection(self, sock: socket.socket, index: int) -> Callable[[], None]:
+        received = bytearray()
+        self.received.append(received)
+
+        def serve() -> None:
+            behaviour = self.behaviour
+            with sock, contextlib.suppress(OSError):
+                sock.settimeout(self.io_timeout)
+                if behaviour.greeting:
+                    sock.sendall(behaviour.greeting)
+                if behaviour.answer:
+                    received.extend(sock.recv(65536))
+                    sock.sendall(behaviour.answer)
+                if behaviour.close:
+                    sock.shutdown(socket.SHUT_WR)
+                while chunk := sock.recv(65536):
+                    received.extend(chunk)
+
+        return serve
+
+
+@pytest.fixture(params=sorted(NOT_TLS))
+def not_tls(request: pytest.FixtureRequest) -> NotTls:
+    behaviour: NotTls = NOT_TLS[request.param]
+    return behaviour
+
+
+def assert_says_not_tls(message: str, port: int, behaviour: NotTls) -> None:
+    assert f"the server at 127.0.0.1:{port} does not speak TLS" in message, message
+    if behaviour.shown is not None:
+        assert f"it sent {behaviour.shown!r} in plaintext" in message, message
+        assert "110 instead of 995" in message, message
+    else:
+        assert "are not TLS" in message, message
+    assert "version" not in message, message
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["waits", "pipelines"])
+def test_a_plaintext_upstream_is_reported_as_not_tls(
+    pki: Pki, not_tls: NotTls, proxy_log: Path, pipelined: bool
+) -> None:
+    with PlaintextServer(not_tls) as server:
+        proxy = ProxyProcess(proxy_log, upstream_port=server.port, ca_file=pki.trusted_pem)
+        with proxy:
+            for _ in range(2):
+                secrets_, commands = secret_bytes()
+                if pipelined:
+                    exchange = talk(proxy.port, send_first=commands)
+                else:
+                    exchange = talk(proxy.port, then=commands)
+                assert exchange.first_line == (
+                    b"-ERR [SYS/TEMP] mail server unavailable (not_tls), try again later\r\n"
+                )
+                assert_refused(proxy, exchange, "not_tls", "handshake")
+                session_id = proxy.session_id_for(exchange.client_port)
+                failure = next(
+                    e
+                    for e in proxy.session_events(session_id)
+                    if e.get("event") == "upstream.failed"
+                )
+                assert_says_not_tls(failure["error"], server.port, not_tls)
+                for secret in secrets_.split(b"\0"):
+                    assert all(secret not in bytes(r) for r in server.received)
+            assert proxy.running
+
+
+def test_readyz_and_check_say_not_tls(pki: Pki, not_tls: NotTls, tmp_path: Path) -> None:
+    with PlaintextServer(not_tls) as server:
+        proxy = ProxyProcess(
+            tmp_path / "proxy.log",
+            upstream_port=server.port,
+            ca_file=pki.trusted_pem,
+            extra_args=["--admin", "127.0.0.1:0"],
+        )
+        with proxy:
+            admin = AdminProxy(proxy)
+            ready = admin.request("/readyz")
+            assert ready.status == 503, ready
+            detail = ready.json()
+            assert (detail["reason"], detail["phase"]) == ("not_tls", "handshake"), detail
+            assert_says_not_tls(str(detail["error"]), server.port, not_tls)
+
+        command = [sys.executable, "-m", "pop3proxy", "check", "--json"]
+        command += ["--upstream", f"127.0.0.1:{server.port}"]
+        command += ["--upstream-ca-file", str(pki.trusted_pem)]
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT,
+            cwd=Path(__file__).resolve().parents[1],
+            env={k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")},
+            check=False,
+        )
+    assert done.returncode == 1, done
+    report = json.loads(done.stdout)
+    tls = [f for f in report["findings"] if f["check"] == "tls"]
+    assert [f["status"] for f in tls] == ["fail"], report["findings"]
+    assert_says_not_tls(tls[0]["message"], server.port, not_tls)
+
+
+# -- the same classification in process, fast: open_upstream against a trio loopback server ------
+
+
+async def serve_once(behaviour: NotTls, task_status: trio.TaskStatus[int]) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    stream = await listeners[0].accept()
+    async with stream:
+        if behaviour.greeting:
+            await stream.send_all(behaviour.greeting)
+        if behaviour.answer:
+            await stream.receive_some()
+            await stream.send_all(behaviour.answer)
+        if behaviour.close:
+            await stream.send_eof()
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some():
+                pass
+    for listener in listeners:
+        await listener.aclose()
+
+
+async def test_open_upstream_classifies_a_plaintext_port(pki: Pki, not_tls: NotTls) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_once, not_tls)
+        with pytest.raises(UpstreamError) as failure, trio.fail_after(CLIENT_TIMEOUT):
+            await open_upstream(
+                "127.0.0.1",
+                port,
+                server_name=SERVER_NAME,
+                context=make_upstream_context(pki.trusted_pem),
+                connect_timeout=CLIENT_TIMEOUT,
+                handshake_timeout=CLIENT_TIMEOUT,
+            )
+    assert (failure.value.phase, failure.value.reason) == ("handshake", "not_tls")
+    assert_says_not_tls(failure.value.message, port, not_tls)
+
+
+@pytest.mark.parametrize(
+    ("first", "tls"),
+    [
+        (b"", True),  # nothing seen: no evidence
+        (b"\x16", True),
+        (b"\x16\x03\x01\x00\x2a", True),  # a handshake record
+        (b"\x15\x03\x03\x00\x02\x02\x46", True),  # an alert (e.g. protocol_version)
+        (b"\x17\x03\x03", True),
+        (b"\x16\x02\x00", False),  # a handshake type with SSL 2 as major version
+        (b"\x80\x2e\x01", False),  # an SSL 2 record header: not TLS either
+        (b"+OK ready\r\n", False),
+        (b"-ERR", False),
+        (b"HTTP/1.1 400 Bad Request\r\n", False),
+        (b"\x00\x00\x00\x01", False),
+    ],
+)
+def test_looks_like_tls(first: bytes, tls: bool) -> None:
+    assert looks_like_tls(first) is tls
+
+
+def test_a_tls_record_with_a_bad_header_is_not_called_plaintext() -> None:
+    """Octets that start a TLS record keep OpenSSL's own reason, whatever follows."""
+    cause = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    cause.reason = "WRONG_VERSION_NUMBER"
+    assert _handshake_reason(cause, b"\x16\x03\x09\x00\x10", "h:995")[0] == "tls_version"
+    assert _handshake_reason(cause, b"+OK hi\r\n", "h:995")[0] == "not_tls"

@@ -8,6 +8,11 @@ and closes politely, so the upstream logs an ordinary short session.
 One probe runs at a time; concurrent requests wait for it and share its answer, which is
 reused for ``readiness_cache`` seconds, so probes from several orchestrators never hammer
 the upstream. Before the POP3 listener is up, the answer is "not ready" without a probe.
+
+The probe uses the sessions' own TLS context (:attr:`pop3proxy.app.AppContext.upstream_context`),
+not one of its own: a CA file replaced in place and reloaded with SIGHUP changes what both
+trust at the same moment. An answer is only reused while the settings it was probed with are
+in force, so the first request after a reload probes again.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pop3proxy.tls import UpstreamError, describe_peer, make_upstream_context, o
 
 if TYPE_CHECKING:
     from pop3proxy.app import AppContext
+    from pop3proxy.config import Settings
 
 __all__ = ["Readiness", "ReadinessResult"]
 
@@ -90,8 +96,8 @@ class Readiness:
         self._on_result = on_result or (lambda result, peer: None)
         self._lock = trio.Lock()
         self._last: ReadinessResult | None = None
-        self._context: ssl.SSLContext | None = None
-        self._context_key: tuple[object, str] | None = None
+        #: The settings ``_last`` was probed with: a reload makes it stale at once.
+        self._last_settings: Settings | None = None
 
     @property
     def last(self) -> ReadinessResult | None:
@@ -107,11 +113,15 @@ class Readiness:
         async with self._lock:
             settings = self.ctx.settings
             last = self._last
-            if last is not None and trio.current_time() - last.checked_at < max(
-                0.0, getattr(settings, "readiness_cache", 5.0)
+            if (
+                last is not None
+                and self._last_settings is settings
+                and trio.current_time() - last.checked_at
+                < max(0.0, getattr(settings, "readiness_cache", 5.0))
             ):
                 return last
             result, peer = await self._probe()
+            self._last_settings = settings
             self._record(result, peer)
             return result
 
@@ -131,12 +141,12 @@ class Readiness:
             self._on_result(result, peer)
 
     def _tls_context(self) -> ssl.SSLContext:
+        """The context sessions use now; built afresh (never cached) when there is none."""
+        current = self.ctx.upstream_context
+        if current is not None:
+            return current
         settings = self.ctx.settings
-        key = (settings.upstream_ca_file, settings.tls_min_version)
-        if self._context is None or key != self._context_key:
-            self._context = make_upstream_context(*key)
-            self._context_key = key
-        return self._context
+        return make_upstream_context(settings.upstream_ca_file, settings.tls_min_version)
 
     async def _probe(self) -> tuple[ReadinessResult, dict[str, str | None] | None]:
         settings = self.ctx.settings

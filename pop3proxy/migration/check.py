@@ -43,7 +43,13 @@ from cryptography.x509.oid import ExtensionOID
 from OpenSSL import SSL
 
 from pop3proxy.terminal import printable
-from pop3proxy.tls import UpstreamError, make_upstream_context, open_upstream
+from pop3proxy.tls import (
+    UpstreamError,
+    looks_like_tls,
+    make_upstream_context,
+    not_tls_message,
+    open_upstream,
+)
 
 if TYPE_CHECKING:
     from pop3proxy.config import Settings
@@ -307,9 +313,13 @@ def _probe_chain(settings: Settings) -> _Probe:
             connection.set_tlsext_host_name(server_name.encode("idna"))
         connection.set_connect_state()
         sock.settimeout(settings.handshake_timeout)
+        received = bytearray()
         try:
-            _drive_handshake(sock, connection)
+            _drive_handshake(sock, connection, received)
         except (SSL.Error, OSError) as exc:
+            if not looks_like_tls(bytes(received)):  # plaintext, whatever OpenSSL calls it
+                message = not_tls_message(str(settings.upstream), bytes(received))
+                raise _ProbeError("tls", message, tcp_ms) from None
             raise _ProbeError("tls", _ssl_error(exc), tcp_ms) from None
         chain = connection.get_peer_cert_chain(as_cryptography=True) or []
         return _Probe(
@@ -320,7 +330,8 @@ def _probe_chain(settings: Settings) -> _Probe:
         )
 
 
-def _drive_handshake(sock: socket.socket, connection: SSL.Connection) -> None:
+def _drive_handshake(sock: socket.socket, connection: SSL.Connection, received: bytearray) -> None:
+    """Run the handshake; ``received`` gets the start of what the server sent."""
     for _ in range(_HANDSHAKE_ROUNDS):
         try:
             connection.do_handshake()
@@ -329,6 +340,8 @@ def _drive_handshake(sock: socket.socket, connection: SSL.Connection) -> None:
             data = sock.recv(65536)
             if not data:
                 raise OSError("the server closed the connection during the handshake") from None
+            if not received:
+                received += data[:64]
             connection.bio_write(data)
         else:
             _flush(sock, connection)

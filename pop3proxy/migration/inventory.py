@@ -49,6 +49,7 @@ import dataclasses
 import datetime as dt
 import os
 import sqlite3
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ __all__ = [
     "database_path",
     "default_state_dir",
     "inventory_service",
+    "prepare_state_dir",
 ]
 
 DATABASE_NAME: Final = "inventory.sqlite3"
@@ -189,6 +191,41 @@ def database_path(state_dir: Path | None) -> str:
     if state_dir is not None and str(state_dir) == ":memory:":
         return ":memory:"
     return str((state_dir or default_state_dir()) / DATABASE_NAME)
+
+
+def prepare_state_dir(state_dir: Path | None) -> None:
+    """At start-up: create the inventory's folder (mode 0700) and prove it can be written.
+
+    The first write comes ``inventory_flush_interval`` seconds after the first session, and a
+    failed one only warns (sessions must go on): a folder that can never be written has to
+    stop the start instead, or the whole run's migration data is lost without a word.
+
+    Raises:
+        ValueError: what is wrong, naming the path: ``/x: cannot create the folder: ...``.
+    """
+    path = database_path(state_dir)
+    if path == ":memory:":
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ValueError(f"{folder}: cannot create the folder: {exc.strerror or exc}") from None
+    try:  # SQLite writes its journal next to the database
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{folder}: cannot write in the folder: {exc.strerror or exc}") from None
+    store = InventoryStore(path)
+    try:
+        connection = store.connect()
+        connection.execute("BEGIN IMMEDIATE")  # takes the write lock: fails if read-only
+        connection.execute("ROLLBACK")
+    except (sqlite3.Error, OSError) as exc:
+        raise ValueError(f"{path}: cannot write the inventory database: {exc}") from None
+    finally:
+        store.close()
 
 
 def _now_text() -> str:
