@@ -632,6 +632,10 @@ class _Relay:
             await self._send_to_client()
 
     async def _send_to_client(self) -> None:
+        if self.reason is not None:
+            # The session is ending: after its last line (a goodbye, an error) nothing more
+            # goes out, not even a reply a pump read just before the end was decided.
+            return
         outgoing = self.conversation.take_client_bytes()
         if not outgoing:
             return
