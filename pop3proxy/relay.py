@@ -80,6 +80,8 @@ BODY_COALESCE_OCTETS = 64 * 1024
 CLOSE_TIMEOUT = 2.0
 REFUSE_UNKNOWN = b"-ERR [SYS/PERM] cannot tell where you connect from\r\n"
 NO_GREETING = b"-ERR [SYS/TEMP] the mail server closed the connection before greeting\r\n"
+#: Not the upstream's fault: this process is out of file descriptors or memory.
+OUT_OF_RESOURCES = b"-ERR [SYS/TEMP] the proxy is out of resources, try again later\r\n"
 #: The last line for a session ended by one of its deadlines, when a line can still be sent
 #: (RFC 3206 section 4: SYS/TEMP, the same request may work later). The idle and lifetime
 #: limits close without one: RFC 1939 section 3 has the autologout timer send no response.
@@ -226,8 +228,14 @@ class Proxy:
         self.upstream = settings.upstream
         self.context = context
 
-    async def handle_client(self, accepted: trio.SocketStream) -> None:
-        """Run one session from accept to close; never raises (the error boundary)."""
+    async def handle_client(
+        self, accepted: trio.SocketStream, refusal: Verdict | None = None
+    ) -> None:
+        """Run one session from accept to close; never raises (the error boundary).
+
+        ``refusal``: turn the client away with this verdict, whatever the gatekeeper says
+        (the listener is out of file descriptors).
+        """
         try:
             client = SocketStream.from_trio(accepted)
         except OSError:  # gone already
@@ -250,8 +258,8 @@ class Proxy:
         gatekeeper = self.gatekeeper
         admitted = False
         try:
-            verdict = Verdict("deny", "unknown_client", REFUSE_UNKNOWN)
-            if address is not None:
+            verdict = refusal or Verdict("deny", "unknown_client", REFUSE_UNKNOWN)
+            if address is not None and refusal is None:
                 verdict = gatekeeper.admit(address, dt.datetime.now(dt.UTC))
             _log_verdict(log, verdict, None)
             if verdict.action == "deny" and not verdict.dry_run:
@@ -373,16 +381,22 @@ class _Session:
                 handshake_timeout=settings.handshake_timeout,
             )
         except UpstreamError as exc:
-            log.warning(
+            local = exc.reason == "local_resources"  # the proxy's own limits, not the server
+            (log.error if local else log.warning)(
                 "upstream.failed",
                 upstream=str(endpoint),
                 phase=exc.phase,
                 reason=exc.reason,
                 error=exc.message,
             )
-            reply = f"-ERR [SYS/TEMP] mail server unavailable ({exc.reason}), try again later\r\n"
-            self.stats.bytes_to_client += await _send_quietly(self.client, reply.encode())
-            return "upstream_failed"
+            reply = (
+                OUT_OF_RESOURCES
+                if local
+                else f"-ERR [SYS/TEMP] mail server unavailable ({exc.reason}), "
+                "try again later\r\n".encode()
+            )
+            self.stats.bytes_to_client += await _send_quietly(self.client, reply)
+            return "local_resources" if local else "upstream_failed"
         peer = describe_peer(upstream)
         self.stats.tls_version = peer["tls_version"]
         log.info("upstream.tls_established", upstream=str(endpoint), **peer)

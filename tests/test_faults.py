@@ -19,6 +19,8 @@ TLS failures (bad certificates, old versions) are in ``tests/test_tls_negative.p
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import random
 import socket
 import struct
@@ -29,6 +31,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from pop3proxy.tls import _connect_reason
 from tests.peers.dovecot import Dovecot, Mailbox, MailboxFactory, make_message
 from tests.peers.faulty_upstream import (
     GREETING,
@@ -356,6 +359,37 @@ def test_upstream_name_does_not_resolve(tmp_path: Path, ca_pem: Path) -> None:
         assert_refused_with(proxy, "dns", "connect")
         assert_refused_with(proxy, "dns", "connect")
         assert_no_crash(proxy)
+
+
+def connect_error(*errnos: int) -> OSError:
+    """What ``trio.open_tcp_stream`` raises when every address failed: one OSError whose
+    cause is the group of per-address errors."""
+    group = ExceptionGroup("all failed", [OSError(code, os.strerror(code)) for code in errnos])
+    error = OSError("all attempts to connect failed")
+    error.__cause__ = group
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (connect_error(errno.EMFILE), "local_resources"),
+        (connect_error(errno.ENFILE, errno.ENFILE), "local_resources"),
+        (connect_error(errno.ENOBUFS), "local_resources"),
+        (connect_error(errno.EMFILE, errno.ECONNREFUSED), "local_resources"),  # no socket()
+        (connect_error(errno.EADDRNOTAVAIL), "local_resources"),  # no local port left
+        (connect_error(errno.EADDRNOTAVAIL, errno.ECONNREFUSED), "refused"),
+        (connect_error(errno.ECONNREFUSED), "refused"),
+        (connect_error(errno.ETIMEDOUT), "timeout"),
+        (connect_error(errno.EHOSTUNREACH, errno.ENETUNREACH), "unreachable"),
+        (OSError(errno.EMFILE, "Too many open files"), "local_resources"),  # getaddrinfo
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "dns"),
+    ],
+)
+def test_connect_failures_name_the_proxy_s_own_shortage(error: OSError, reason: str) -> None:
+    """Out of descriptors (or kernel memory, or local ports), the connect fails here, not at
+    the mail server: it must never be reported as an unreachable upstream."""
+    assert _connect_reason(error) == reason
 
 
 # -- upstream closes at the wrong moment ----------------------------------------------------------

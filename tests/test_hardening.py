@@ -32,12 +32,31 @@ from tests.peers.proxy import ProxyProcess
 TIMEOUT = 10.0
 
 
+class LimitedProxy(ProxyProcess):
+    """The proxy under ``prlimit --nofile=SOFT:HARD`` (which execs it: same process id)."""
+
+    def __init__(self, *args: object, nofile: tuple[int, int], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.nofile = nofile
+
+    def command(self) -> list[str]:
+        soft, hard = self.nofile
+        return ["prlimit", f"--nofile={soft}:{hard}", "--", *super().command()]
+
+
 @contextlib.contextmanager
 def started_proxy(
-    tmp_path: Path, dovecot: Dovecot, *args: str, config: Path | None = None
+    tmp_path: Path,
+    dovecot: Dovecot,
+    *args: str,
+    config: Path | None = None,
+    nofile: tuple[int, int] | None = None,
 ) -> Iterator[ProxyProcess]:
     extra = [*args, *(["--config", str(config)] if config else [])]
-    proxy = ProxyProcess(
+    kind: Callable[..., ProxyProcess] = (
+        ProxyProcess if nofile is None else lambda *a, **k: LimitedProxy(*a, nofile=nofile, **k)
+    )
+    proxy = kind(
         tmp_path / f"proxy-{time.monotonic_ns()}.log",
         upstream_port=dovecot.port,
         ca_file=dovecot.ca_pem_path,
@@ -468,6 +487,80 @@ def test_slow_clients_are_closed_and_free_their_descriptors(
             client.close()
         wait_until(lambda: open_sockets(proxy) == baseline, lambda: (open_sockets(proxy), baseline))
         proxy_still_serves(proxy)
+
+
+# ---------------------------------------------------------------------------- file descriptors
+
+
+def soft_nofile(proxy: ProxyProcess) -> int:
+    """The proxy's soft RLIMIT_NOFILE, from /proc (``Max open files``)."""
+    for line in Path(f"/proc/{proxy.pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+def test_the_soft_descriptor_limit_is_raised_to_fit_max_sessions(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """2 descriptors a session and 64 to spare: 1000 sessions need 2064."""
+    with started_proxy(tmp_path, dovecot, nofile=(128, 4096)) as proxy:
+        raised = proxy.wait_for_event("fd_limit.raised")
+        assert (raised["previous"], raised["soft_limit"], raised["hard_limit"]) == (128, 2064, 4096)
+        assert soft_nofile(proxy) == 2064
+        assert proxy.find_events("fd_limit.too_low") == []
+
+
+@pytest.mark.parametrize("limit", [64, 65], ids=["even", "odd"])
+def test_out_of_descriptors_is_the_proxy_s_own_shortage_and_it_recovers(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory, limit: int
+) -> None:
+    """With 64 (or 65) descriptors, about 25 sessions fit. Clients beyond that are told the
+    proxy is out of resources, never that the mail server is unreachable: once the upstream
+    connect finds no descriptor left, and once accept(2) itself finds none (the listener's
+    spare descriptor answers them); which one comes first depends on the limit's parity.
+    When the sessions close, the proxy serves again."""
+    box = mailbox([])
+    with started_proxy(tmp_path, dovecot, nofile=(limit, limit)) as proxy:
+        too_low = proxy.wait_for_event("fd_limit.too_low")
+        assert (too_low["needed"], too_low["soft_limit"], too_low["hard_limit"]) == (
+            2064,
+            limit,
+            limit,
+        )
+        assert too_low["level"] == "warning"
+        baseline = open_sockets(proxy)
+        held: list[Client] = []
+        refused: list[Client] = []
+        for _ in range(60):  # bounded; about 25 fit
+            client = Client(proxy)
+            first = client.line()
+            assert first, "closed without a word"
+            if first.startswith(b"+OK"):
+                held.append(client)
+                continue
+            assert first == b"-ERR [SYS/TEMP] the proxy is out of resources, try again later\r\n"
+            refused.append(client)
+            if len(refused) == 5:
+                break
+        assert len(refused) == 5, (len(held), proxy.log_text()[-3000:])
+        assert 10 < len(held) < 32, len(held)
+        reasons = {session_closed(proxy, client)["reason"] for client in refused}
+        assert reasons <= {"local_resources", "refused_local_resources"}, reasons
+        failures = proxy.find_events("upstream.failed")
+        assert {(f["phase"], f["reason"], f["level"]) for f in failures} <= {
+            ("connect", "local_resources", "error")
+        }, failures
+        assert b"unreachable" not in proxy.log_bytes()
+        if "refused_local_resources" in reasons:
+            assert proxy.wait_for_event("listener.accept_failed")["reason"] == "local_resources"
+        for client in [*held, *refused]:
+            client.close()
+        for client in held:
+            session_closed(proxy, client)
+        wait_until(lambda: open_sockets(proxy) == baseline, lambda: (open_sockets(proxy), baseline))
+        fresh_session_works(proxy, box)
+        assert "Traceback" not in proxy.log_text()
 
 
 def test_silent_upstream_handshake_times_out_with_sys_temp(tmp_path: Path) -> None:
