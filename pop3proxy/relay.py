@@ -176,10 +176,9 @@ class SessionDeadlines:
 
     def reading_client(self, now: float) -> float | None:
         """The proxy waits for the client again; returns the open line's (later) deadline."""
-        held = self.line_held_since
+        held, self.line_held_since = self.line_held_since, None
         if held is None or self.line_due is None:
             return None
-        self.line_held_since = None
         self.line_due += now - held  # time spent not reading is not the client's
         return self.line_due
 
@@ -187,7 +186,7 @@ class SessionDeadlines:
         """The client half-closed: its replies have ``close_timeout`` from the last octet."""
         self.last_moved = now
         self.client_done = True
-        self.line_due = None  # a line that can no longer end
+        self.line_due = self.line_held_since = None  # a line that can no longer end
         return now + min(self.close_timeout, self.idle_timeout)
 
 
@@ -577,7 +576,9 @@ class _Relay:
             if not self.conversation.pending:
                 self._finish("client_closed")
             return None
-        self._wake_by(deadlines.client_read(data, now))
+        line_due = deadlines.client_read(data, now)
+        if line_due is not None:  # a line was left open: the watchdog must know by then
+            self._wake_by(line_due)
         self.stats.bytes_from_client += len(data)
         return data
 
