@@ -107,6 +107,7 @@ class ScriptedUpstream:
             (0: all at once); None: never greets.
         stall: verb -> seconds before its reply (``math.inf``: never answered).
         body_pieces: the reply to RETR streams this many lines, one every ``body_pause`` s.
+        body: sent in one piece after those (a body that no socket buffer holds).
     """
 
     greeting: bytes | None = GREETING
@@ -114,6 +115,7 @@ class ScriptedUpstream:
     stall: dict[bytes, float] = field(default_factory=dict)
     body_pieces: int = 0
     body_pause: float = 0.0
+    body: bytes = b""
     #: Set when the proxy closed its upstream connection.
     hung_up: trio.Event = field(default_factory=trio.Event)
 
@@ -157,7 +159,7 @@ class ScriptedUpstream:
             for number in range(self.body_pieces):
                 await stream.send_all(b"line %d of a slowly streamed body\r\n" % number)
                 await trio.sleep(self.body_pause)
-            await stream.send_all(b".\r\n")
+            await stream.send_all(self.body + b".\r\n")
         elif verb == b"QUIT":
             await stream.send_all(b"+OK bye\r\n")
             raise trio.ClosedResourceError  # the session is over: hang up
@@ -473,6 +475,33 @@ async def test_after_a_half_close_a_reply_that_keeps_moving_is_relayed_to_the_en
         assert reply.count(b"slowly streamed body") == 15
         assert reply.endswith(b"line 14 of a slowly streamed body\r\n.\r\n")
         assert await events.wait_closed() == ["client_closed"]
+
+
+# ---------------------------------------------------------------------------- back-pressure
+
+
+async def test_a_client_that_never_reads_its_replies_is_closed_by_the_idle_timer(
+    autojump_clock: trio.testing.MockClock, pki: DemoPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RETR of a body no socket buffer holds, and the client reads none of it: back-pressure
+    stops the relay, no octet moves, and 600 s later the idle timer ends it. No goodbye (the
+    client reads nothing, and the line would land inside the body), and the upstream is
+    hung up on, not left blocked on a full socket."""
+    script = ScriptedUpstream(body=(b"y" * 78 + b"\r\n") * 25_000)  # 2 MB; a few 100 KB fit
+    async with proxy_and_client(pki, monkeypatch, script.handle) as (client, events):
+        assert await client.line() == GREETING
+        assert await client.command("USER u") == b"+OK\r\n"
+        assert await client.command("PASS p") == b"+OK\r\n"
+        await client.stream.send_all(b"RETR 1\r\n")
+        asked = trio.current_time()
+        with trio.fail_after(700):
+            await events.closed.wait()
+        assert 600 <= trio.current_time() - asked < 601
+        assert await events.wait_closed() == ["idle_timeout"]
+        with trio.fail_after(1):
+            await script.hung_up.wait()
+        closed = next(f for e, f in events if e == "session.closed")
+        assert closed["bytes_to_client"] < len(script.body)
 
 
 # ---------------------------------------------------------------------------- the bookkeeping
