@@ -23,7 +23,7 @@ from pop3proxy.migration.inventory import inventory_service, pseudonymizer_for
 from pop3proxy.migration.rules import RuleSet
 from pop3proxy.policy import Policy
 from pop3proxy.relay import Proxy
-from pop3proxy.server import build_proxy, serve
+from pop3proxy.server import build_proxy, ensure_fd_limit, serve
 from pop3proxy.telemetry import Telemetry
 from pop3proxy.tls import make_upstream_context
 
@@ -77,6 +77,7 @@ async def run(settings: Settings, reload: Callable[[], Settings] | None = None) 
     ``reload()`` the settings and use the new trust material, allow list and rules for new
     sessions; open sessions keep theirs.
     """
+    ensure_fd_limit(settings)  # before anything opens a file or socket
     pseudonymizer = pseudonymizer_for(settings)
     telemetry = Telemetry(transform=pseudonymizer.event_fields if pseudonymizer else None)
     context = AppContext(settings=settings, telemetry=telemetry)
@@ -173,6 +174,8 @@ class _Drain:
                 note="a new listen address needs a restart",
             )
             new = dataclasses.replace(new, listen=old.listen)
+        if new.max_sessions > old.max_sessions:
+            ensure_fd_limit(new)
         self.proxy.reconfigure(new, tls, rules)
         self.context.settings, self.context.upstream_context = new, tls
         _log.info(

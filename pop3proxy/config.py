@@ -593,12 +593,38 @@ class Settings:
         default=10.0,
         metadata=setting(_parse_seconds, "seconds for the TLS handshake", metavar="SECONDS"),
     )
+    greeting_timeout: float = field(
+        default=30.0,
+        metadata=setting(
+            _parse_seconds,
+            "seconds the upstream may take to send its greeting once TLS is up",
+            metavar="SECONDS",
+        ),
+    )
     idle_timeout: float = field(
         default=600.0,
         metadata=setting(
             _parse_seconds,
             "seconds a session may stay silent in either direction before it is closed "
             "(RFC 1939 asks for at least 600)",
+            metavar="SECONDS",
+        ),
+    )
+    command_timeout: float = field(
+        default=60.0,
+        metadata=setting(
+            _parse_seconds,
+            "seconds a client may take from the first octet of a command line to its end "
+            "(slowloris); the session is closed with -ERR [SYS/TEMP]",
+            metavar="SECONDS",
+        ),
+    )
+    login_timeout: float = field(
+        default=60.0,
+        metadata=setting(
+            _parse_seconds,
+            "seconds from accepting a client to its successful login; the session is closed "
+            "with -ERR [SYS/TEMP]",
             metavar="SECONDS",
         ),
     )

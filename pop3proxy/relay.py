@@ -1,9 +1,11 @@
 """One proxied POP3 session: the trio half of the design.
 
 The handler accepts a plaintext client, opens verified TLS to the upstream, and runs two
-pumps (client to upstream, upstream to client) plus an idle watchdog in one nursery. The
+pumps (client to upstream, upstream to client) plus a watchdog in one nursery. The
 pumps only move octets: :class:`~pop3proxy.pop3.Pop3Conversation` decides what each octet
-means and what to forward, and its events become log lines here.
+means and what to forward, and its events become log lines here. Every deadline of a session
+(idle, command line, login, greeting, half-close, lifetime) is kept in one
+:class:`SessionDeadlines`, which the watchdog enforces.
 
 :meth:`Proxy.handle_client` is the error boundary: whatever goes wrong in one session is
 logged once and ends that session only; nothing reaches the listener
@@ -55,10 +57,19 @@ from pop3proxy.streams import SocketStream, TLSStream
 from pop3proxy.telemetry import SessionTelemetry, Telemetry
 from pop3proxy.tls import UpstreamError, describe_peer, open_upstream
 
-__all__ = ["CLIENT_RECEIVE_SIZE", "UPSTREAM_BATCH_LIMIT", "Proxy", "format_address"]
+__all__ = [
+    "CLIENT_RECEIVE_SIZE",
+    "UPSTREAM_BATCH_LIMIT",
+    "Proxy",
+    "SessionDeadlines",
+    "format_address",
+]
 
 #: Octets read from the client per call; clients send short command lines.
 CLIENT_RECEIVE_SIZE = 16 * 1024
+#: A larger batch goes to the client in pieces of this size, so that a slow reader's progress
+#: shows as octets moved (the idle and close timers) while the batch is still being read.
+CLIENT_SEND_PIECE = 64 * 1024
 #: Most plaintext gathered from already-received TLS records before one send to the client.
 UPSTREAM_BATCH_LIMIT = 256 * 1024
 #: While a message body streams in small reads, wait this long before the next read so that
@@ -69,6 +80,18 @@ BODY_COALESCE_OCTETS = 64 * 1024
 CLOSE_TIMEOUT = 2.0
 REFUSE_UNKNOWN = b"-ERR [SYS/PERM] cannot tell where you connect from\r\n"
 NO_GREETING = b"-ERR [SYS/TEMP] the mail server closed the connection before greeting\r\n"
+#: Not the upstream's fault: this process is out of file descriptors or memory.
+OUT_OF_RESOURCES = b"-ERR [SYS/TEMP] the proxy is out of resources, try again later\r\n"
+#: The last line for a session ended by one of its deadlines, when a line can still be sent
+#: (RFC 3206 section 4: SYS/TEMP, the same request may work later). The idle and lifetime
+#: limits close without one: RFC 1939 section 3 has the autologout timer send no response.
+DEADLINE_GOODBYES = {
+    "greeting_timeout": "-ERR [SYS/TEMP] the mail server did not greet within {:g} s, "
+    "try again later",
+    "login_timeout": "-ERR [SYS/TEMP] no login within {:g} s, closing",
+    "command_timeout": "-ERR [SYS/TEMP] command line not completed within {:g} s, closing",
+    "close_timeout": "-ERR [SYS/TEMP] the mail server did not answer within {:g} s, closing",
+}
 
 
 def format_address(sockaddr: Any) -> str:
@@ -88,6 +111,83 @@ class SessionStats:
     user: str | None = None
     tls_version: str | None = None
     command_started: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SessionDeadlines:
+    """Every deadline of a relayed session, in one place: bookkeeping only, no I/O, no clock.
+
+    The relay reports what happens, with the time it happened; :meth:`next_due` says which
+    deadline comes first and what it is called (the session's close reason). Moving a
+    deadline later needs nothing more: the watchdog reads them again whenever it wakes. A
+    report that can bring one earlier (a line left open, the client's half-close) returns it,
+    and the relay wakes the watchdog by it.
+
+    - ``idle_timeout``: from the last octet moved in either direction (RFC 1939 section 3);
+    - ``close_timeout``: once the client has half-closed, from the last octet moved, so a
+      slow reader of a large reply keeps going while octets move;
+    - ``command_timeout``: from the first octet of a client line to its LF, counted only while
+      the proxy waits for the client (not while back-pressure stops it reading);
+    - ``login_timeout``: from accept to the upstream's ``+OK`` to a login;
+    - ``greeting_timeout``: from TLS up to the upstream's greeting;
+    - ``session_timeout``: from accept, whatever happens (optional).
+    """
+
+    idle_timeout: float
+    close_timeout: float
+    command_timeout: float
+    #: When an octet last moved, in either direction.
+    last_moved: float
+    greeting_due: float | None
+    login_due: float | None
+    session_due: float | None = None
+    #: When the unfinished client line times out; None when the last octet read was an LF.
+    line_due: float | None = None
+    #: Since when the proxy has not been reading from the client (the line's clock is held).
+    line_held_since: float | None = None
+    client_done: bool = False
+
+    def next_due(self) -> tuple[float, str]:
+        """The earliest deadline and its name; on a tie, the more specific one."""
+        due, reason = self.last_moved + self.idle_timeout, "idle_timeout"
+        if self.client_done and self.last_moved + self.close_timeout <= due:
+            due, reason = self.last_moved + self.close_timeout, "close_timeout"
+        if self.line_due is not None and self.line_held_since is None and self.line_due <= due:
+            due, reason = self.line_due, "command_timeout"
+        if self.login_due is not None and self.login_due <= due:
+            due, reason = self.login_due, "login_timeout"
+        if self.greeting_due is not None and self.greeting_due <= due:
+            due, reason = self.greeting_due, "greeting_timeout"
+        if self.session_due is not None and self.session_due < due:
+            due, reason = self.session_due, "session_timeout"
+        return due, reason
+
+    def client_read(self, data: bytes, now: float) -> float | None:
+        """Octets from the client, just read; returns the line's deadline if one starts."""
+        self.last_moved = now
+        if data[-1] == 10:  # the read ends a line: the usual case, one whole command
+            self.line_due = None
+            return None
+        self.line_held_since = now  # until the next read begins, the proxy is not waiting
+        if self.line_due is None or b"\n" in data:  # a new line has started
+            self.line_due = now + self.command_timeout
+            return self.line_due
+        return None
+
+    def reading_client(self, now: float) -> float | None:
+        """The proxy waits for the client again; returns the open line's (later) deadline."""
+        held, self.line_held_since = self.line_held_since, None
+        if held is None or self.line_due is None:
+            return None
+        self.line_due += now - held  # time spent not reading is not the client's
+        return self.line_due
+
+    def client_closed(self, now: float) -> float:
+        """The client half-closed: its replies have ``close_timeout`` from the last octet."""
+        self.last_moved = now
+        self.client_done = True
+        self.line_due = self.line_held_since = None  # a line that can no longer end
+        return now + min(self.close_timeout, self.idle_timeout)
 
 
 class Proxy:
@@ -127,8 +227,14 @@ class Proxy:
         self.upstream = settings.upstream
         self.context = context
 
-    async def handle_client(self, accepted: trio.SocketStream) -> None:
-        """Run one session from accept to close; never raises (the error boundary)."""
+    async def handle_client(
+        self, accepted: trio.SocketStream, refusal: Verdict | None = None
+    ) -> None:
+        """Run one session from accept to close; never raises (the error boundary).
+
+        ``refusal``: turn the client away with this verdict, whatever the gatekeeper says
+        (the listener is out of file descriptors).
+        """
         try:
             client = SocketStream.from_trio(accepted)
         except OSError:  # gone already
@@ -151,8 +257,8 @@ class Proxy:
         gatekeeper = self.gatekeeper
         admitted = False
         try:
-            verdict = Verdict("deny", "unknown_client", REFUSE_UNKNOWN)
-            if address is not None:
+            verdict = refusal or Verdict("deny", "unknown_client", REFUSE_UNKNOWN)
+            if address is not None and refusal is None:
                 verdict = gatekeeper.admit(address, dt.datetime.now(dt.UTC))
             _log_verdict(log, verdict, None)
             if verdict.action == "deny" and not verdict.dry_run:
@@ -164,7 +270,13 @@ class Proxy:
             gatekeeper.session_started(address)
             admitted = True
             session = _Session(
-                self, client, address=address, stats=stats, log=log, admission=verdict
+                self,
+                client,
+                address=address,
+                stats=stats,
+                log=log,
+                admission=verdict,
+                opened_at=started,
             )
             reason = await session.run()
         except Exception as exc:  # the error boundary: one broken session never spreads
@@ -241,6 +353,7 @@ class _Session:
         stats: SessionStats,
         log: SessionTelemetry,
         admission: Verdict,
+        opened_at: float,
     ) -> None:
         # A session keeps the configuration it was admitted with, whatever SIGHUP brings.
         self.settings = proxy.settings
@@ -252,6 +365,8 @@ class _Session:
         self.stats = stats
         self.log = log
         self.admission = admission
+        #: When the client was accepted: the login and lifetime deadlines count from here.
+        self.opened_at = opened_at
 
     async def run(self) -> str:
         settings, log, endpoint = self.settings, self.log, self.upstream_endpoint
@@ -265,27 +380,28 @@ class _Session:
                 handshake_timeout=settings.handshake_timeout,
             )
         except UpstreamError as exc:
-            log.warning(
+            local = exc.reason == "local_resources"  # the proxy's own limits, not the server
+            (log.error if local else log.warning)(
                 "upstream.failed",
                 upstream=str(endpoint),
                 phase=exc.phase,
                 reason=exc.reason,
                 error=exc.message,
             )
-            reply = f"-ERR [SYS/TEMP] mail server unavailable ({exc.reason}), try again later\r\n"
-            self.stats.bytes_to_client += await _send_quietly(self.client, reply.encode())
-            return "upstream_failed"
+            reply = (
+                OUT_OF_RESOURCES
+                if local
+                else f"-ERR [SYS/TEMP] mail server unavailable ({exc.reason}), "
+                "try again later\r\n".encode()
+            )
+            self.stats.bytes_to_client += await _send_quietly(self.client, reply)
+            return "local_resources" if local else "upstream_failed"
         peer = describe_peer(upstream)
         self.stats.tls_version = peer["tls_version"]
         log.info("upstream.tls_established", upstream=str(endpoint), **peer)
         relay = _Relay(self, upstream)
         try:
-            if settings.session_timeout is None:
-                return await relay.run()
-            with trio.move_on_after(settings.session_timeout):
-                return await relay.run()
-            log.info("session.lifetime_exceeded", session_timeout_s=settings.session_timeout)
-            return "session_timeout"
+            return await relay.run()
         finally:
             with (
                 trio.move_on_after(settings.close_timeout, shield=True),
@@ -345,8 +461,21 @@ class _Relay:
         self.client = session.client
         self.upstream = upstream
         self.stats = session.stats
-        self.idle_timeout = settings.idle_timeout
-        self.close_timeout = settings.close_timeout
+        self.settings = settings
+        now, opened = trio.current_time(), session.opened_at
+        self.deadlines = SessionDeadlines(
+            idle_timeout=settings.idle_timeout,
+            close_timeout=settings.close_timeout,
+            command_timeout=settings.command_timeout,
+            last_moved=now,
+            greeting_due=now + settings.greeting_timeout,
+            login_due=opened + settings.login_timeout,
+            session_due=None
+            if settings.session_timeout is None
+            else opened + settings.session_timeout,
+        )
+        #: The watchdog's sleep; a deadline brought earlier moves its end (see _wake_by).
+        self.watch_scope: trio.CancelScope | None = None
         self.conversation = Pop3Conversation(
             max_command_line=settings.max_command_line,
             max_sasl_line=settings.max_auth_line,
@@ -354,8 +483,6 @@ class _Relay:
         )
         self.conversation.greeting_notice = session.admission.notice
         self.client_writer = _OneWriter()
-        self.last_activity = trio.current_time()
-        self.client_eof_at: float | None = None
         #: Where the client pump waits while pipelined commands fill the queue.
         self.reply_room = trio.lowlevel.ParkingLot()
         self.login_failures = 0
@@ -384,7 +511,7 @@ class _Relay:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._client_to_upstream)
                 nursery.start_soon(self._upstream_to_client)
-                nursery.start_soon(self._idle_watchdog)
+                nursery.start_soon(self._watchdog)
         ended_by_peer = self.reason in {"client_closed", "upstream_closed"}
         if ended_by_peer and self.conversation.quit_acknowledged:
             return "quit"
@@ -423,6 +550,7 @@ class _Relay:
                 if outgoing:
                     await self.upstream.send_all(outgoing)
                     self.stats.bytes_to_upstream += len(outgoing)
+                    self.deadlines.last_moved = trio.current_time()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._finish("upstream_reset")
                 return
@@ -433,20 +561,32 @@ class _Relay:
 
     async def _receive_from_client(self) -> bytes | None:
         """The client's next octets; None once it has gone (the session's end is arranged)."""
+        deadlines = self.deadlines
+        if deadlines.line_held_since is not None:  # a line is open: its clock runs again
+            self._wake_by(deadlines.reading_client(trio.current_time()))
         try:
             data = await self.client.receive_some(CLIENT_RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._finish("client_reset")
             return None
-        self.last_activity = now = trio.current_time()
+        now = trio.current_time()
         if not data:
             self._observe(self.conversation.client_closed())
-            self.client_eof_at = now
+            self._wake_by(deadlines.client_closed(now))
             if not self.conversation.pending:
                 self._finish("client_closed")
             return None
+        line_due = deadlines.client_read(data, now)
+        if line_due is not None:  # a line was left open: the watchdog must know by then
+            self._wake_by(line_due)
         self.stats.bytes_from_client += len(data)
         return data
+
+    def _wake_by(self, when: float | None) -> None:
+        """Make the watchdog look again by ``when`` (a deadline that came earlier)."""
+        scope = self.watch_scope
+        if when is not None and scope is not None and when < scope.deadline:
+            scope.deadline = when
 
     async def _upstream_to_client(self) -> None:
         conversation, stats, upstream = self.conversation, self.stats, self.upstream
@@ -461,7 +601,7 @@ class _Relay:
             if not data:
                 await self._upstream_closed(tls_close_notify=True)
                 return
-            self.last_activity = trio.current_time()
+            self.deadlines.last_moved = trio.current_time()
             stats.bytes_from_upstream += len(data)
             try:
                 events = conversation.receive_server(data)
@@ -480,7 +620,7 @@ class _Relay:
                     await self._flush_to_client()
                 finally:
                     self._observe(events)
-            if self.client_eof_at is not None and not conversation.pending:
+            if self.deadlines.client_done and not conversation.pending:
                 self._finish("client_closed")
                 return
             if conversation.in_body and len(data) < BODY_COALESCE_OCTETS:
@@ -507,18 +647,34 @@ class _Relay:
             await self._send_to_client()
 
     async def _send_to_client(self) -> None:
+        if self.reason is not None:
+            # The session is ending: after its last line (a goodbye, an error) nothing more
+            # goes out, not even a reply a pump read just before the end was decided.
+            return
         outgoing = self.conversation.take_client_bytes()
         if not outgoing:
             return
         try:
-            await self.client.send_all(outgoing)
+            if len(outgoing) <= CLIENT_SEND_PIECE:
+                await self.client.send_all(outgoing)
+                self.stats.bytes_to_client += len(outgoing)
+            else:
+                await self._send_in_pieces(outgoing)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._finish("client_reset")
             return
-        self.stats.bytes_to_client += len(outgoing)
-        self.last_activity = trio.current_time()
+        self.deadlines.last_moved = trio.current_time()
         if self.end_after_flush is not None and not self.conversation.owes_client:
             self._finish(self.end_after_flush)  # the refusal itself has gone out
+
+    async def _send_in_pieces(self, data: bytes) -> None:
+        """A large batch, piece by piece: each piece a slow reader takes counts as progress."""
+        view = memoryview(data)
+        for start in range(0, len(view), CLIENT_SEND_PIECE):
+            piece = view[start : start + CLIENT_SEND_PIECE]
+            await self.client.send_all(piece)
+            self.stats.bytes_to_client += len(piece)
+            self.deadlines.last_moved = trio.current_time()
 
     async def _upstream_closed(self, *, tls_close_notify: bool) -> None:
         """The upstream ended the TLS stream: a normal end, or a cut to report.
@@ -555,26 +711,53 @@ class _Relay:
             self.stats.bytes_to_client += await _send_quietly(self.client, exc.reply_hint)
         self._finish(f"{exc.side}_protocol_error")
 
-    async def _idle_watchdog(self) -> None:
-        """RFC 1939 section 3: autologout only after at least 10 minutes without traffic.
+    async def _watchdog(self) -> None:
+        """Enforce :attr:`deadlines`: sleep until the first is due, then end the session.
 
-        Idle means no octet in either direction, so a client slowly reading a large
-        message is never idle. Once the client has half-closed, its outstanding replies
-        get ``close_timeout`` to arrive.
+        It reads the deadlines again each time it wakes, so one that moved later (octets
+        moved, a line ended) costs nothing; one that moved earlier wakes it (:meth:`_wake_by`).
         """
+        deadlines = self.deadlines
         while True:
-            deadline = self.last_activity + self.idle_timeout
-            if self.client_eof_at is not None:
-                deadline = min(deadline, self.client_eof_at + self.close_timeout)
-            if trio.current_time() >= deadline:
-                if self.client_eof_at is None:
-                    self.log.info("session.idle_timeout", timeout_s=self.idle_timeout)
-                    self._finish("idle_timeout")
-                else:
-                    self.log.info("session.close_timeout", timeout_s=self.close_timeout)
-                    self._finish("close_timeout")
+            due, reason = deadlines.next_due()
+            if trio.current_time() < due:
+                with trio.CancelScope(deadline=due) as self.watch_scope:
+                    await trio.sleep_forever()
+                self.watch_scope = None
+                continue
+            # Let tasks woken at the same moment run first: a send that completed just now
+            # moved octets, and must count before the timer does.
+            await trio.lowlevel.checkpoint()
+            due, reason = deadlines.next_due()
+            if trio.current_time() >= due:
+                await self._expire(reason)
                 return
-            await trio.sleep_until(deadline)
+
+    async def _expire(self, reason: str) -> None:
+        """A deadline passed: log it, say goodbye if a line can still be sent, and end."""
+        log = self.log
+        timeout: float = getattr(self.settings, reason)  # each deadline is named after its setting
+        if reason == "greeting_timeout":
+            log.warning(
+                "upstream.failed",
+                upstream=str(self.session.upstream_endpoint),
+                phase="greeting",
+                reason="timeout",
+                error=f"no greeting within {timeout:g}s",
+            )
+        elif reason == "session_timeout":
+            log.info("session.lifetime_exceeded", session_timeout_s=timeout)
+        else:
+            log.info(f"session.{reason}", timeout_s=timeout)
+        goodbye = DEADLINE_GOODBYES.get(reason)
+        conversation, writer = self.conversation, self.client_writer
+        # Only between whole replies: never inside a message body, never ahead of queued octets.
+        at_a_line_boundary = not (writer.busy or conversation.in_body or conversation.owes_client)
+        if goodbye is not None and at_a_line_boundary:
+            line = goodbye.format(timeout).encode() + b"\r\n"
+            async with writer:
+                self.stats.bytes_to_client += await _send_quietly(self.client, line)
+        self._finish(reason)
 
     # ------------------------------------------------------------------ events to logs
 
@@ -595,6 +778,7 @@ class _Relay:
         self.log.info_lazily("pop3.command", _command_fields, event, duration)
 
     def _on_login_ok(self, event: LoginSucceeded) -> None:
+        self.deadlines.login_due = None
         self.stats.user = event.user
         self.log.info("pop3.login", user=event.user, mechanism=event.mechanism, result="success")
 
@@ -630,6 +814,7 @@ class _Relay:
         )
 
     def _on_greeting(self, event: Greeting) -> None:
+        self.deadlines.greeting_due = None
         self.log.debug(
             "pop3.greeting",
             status=event.status.indicator,

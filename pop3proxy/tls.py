@@ -64,6 +64,10 @@ _TLS_CONTENT_TYPES = range(20, 25)
 _TLS_MAJOR_VERSION = 3
 #: Octets of the server's first read kept for that diagnosis (and shown, if text).
 _FIRST_OCTETS = 64
+#: errno values of a connect that failed for want of something here, whatever the server:
+#: file descriptors (this process: EMFILE, the system: ENFILE) or kernel memory. A socket()
+#: that fails so fails for every address, and says nothing about the upstream.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class UpstreamError(Exception):
@@ -72,7 +76,8 @@ class UpstreamError(Exception):
     Attributes:
         phase: ``"connect"`` or ``"handshake"``.
         reason: a stable class for logs and metrics: ``refused``, ``unreachable``, ``timeout``,
-            ``dns``, ``unknown_ca``, ``hostname_mismatch``, ``expired``, ``tls_version``,
+            ``dns``, ``local_resources`` (the proxy is out of file descriptors, memory or
+            local ports), ``unknown_ca``, ``hostname_mismatch``, ``expired``, ``tls_version``,
             ``not_tls`` (the port answered in plaintext), ``tls_error``, ``closed``.
         message: the verifier's or the system's own words.
     """
@@ -194,17 +199,22 @@ def not_tls_message(server: str, first: bytes) -> str:
 
 
 def _connect_reason(exc: OSError) -> str:
+    """The class of a failed connect; the proxy's own shortage is never the server's fault."""
     if isinstance(exc, socket.gaierror):
         return "dns"
     causes: list[BaseException] = [exc]
     # trio.open_tcp_stream wraps per-address failures in an OSError whose cause is a group.
     if isinstance(exc.__cause__, BaseExceptionGroup):
-        causes.extend(exc.__cause__.exceptions)
+        causes = list(exc.__cause__.exceptions)
     codes = {getattr(c, "errno", None) for c in causes}
+    if codes & _OUT_OF_RESOURCES:
+        return "local_resources"
     if errno.ECONNREFUSED in codes:
         return "refused"
     if codes & {errno.ETIMEDOUT}:
         return "timeout"
+    if codes == {errno.EADDRNOTAVAIL}:  # every attempt: no local port (or address) to use
+        return "local_resources"
     return "unreachable"
 
 

@@ -2,15 +2,26 @@
 
 Every check asserts the client's reply, the log event, and that a following session still
 works. Addresses 127.0.0.2-127.0.0.9 stand for different clients (all loopback).
+
+A timer made short for a test must not race the test's own steps: a Dovecot login (PASS
+starts a mail process) can take longer than a second on a busy machine, and silence in
+either direction is idleness. So a test of a short idle or lifetime limit never needs a
+login, or any reply, to beat it; it checks the close and its reason, whatever step the
+session had reached, and then that the proxy still serves (:func:`proxy_still_serves`).
+The exact timing of every deadline is tested on trio's mock clock
+(``tests/test_timers_mock_clock.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,12 +32,31 @@ from tests.peers.proxy import ProxyProcess
 TIMEOUT = 10.0
 
 
+class LimitedProxy(ProxyProcess):
+    """The proxy under ``prlimit --nofile=SOFT:HARD`` (which execs it: same process id)."""
+
+    def __init__(self, *args: object, nofile: tuple[int, int], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.nofile = nofile
+
+    def command(self) -> list[str]:
+        soft, hard = self.nofile
+        return ["prlimit", f"--nofile={soft}:{hard}", "--", *super().command()]
+
+
 @contextlib.contextmanager
 def started_proxy(
-    tmp_path: Path, dovecot: Dovecot, *args: str, config: Path | None = None
+    tmp_path: Path,
+    dovecot: Dovecot,
+    *args: str,
+    config: Path | None = None,
+    nofile: tuple[int, int] | None = None,
 ) -> Iterator[ProxyProcess]:
     extra = [*args, *(["--config", str(config)] if config else [])]
-    proxy = ProxyProcess(
+    kind: Callable[..., ProxyProcess] = (
+        ProxyProcess if nofile is None else lambda *a, **k: LimitedProxy(*a, nofile=nofile, **k)
+    )
+    proxy = kind(
         tmp_path / f"proxy-{time.monotonic_ns()}.log",
         upstream_port=dovecot.port,
         ca_file=dovecot.ca_pem_path,
@@ -101,6 +131,43 @@ def fresh_session_works(proxy: ProxyProcess, box: Mailbox, source: str = "127.0.
 
 def session_closed(proxy: ProxyProcess, client: Client) -> dict[str, object]:
     return proxy.wait_session_closed(proxy.session_id_for(client.local_port))
+
+
+def proxy_still_serves(proxy: ProxyProcess) -> None:
+    """A new client is accepted and gets its own verified upstream connection.
+
+    Needs no reply in time, so it cannot race a short timer of the proxy under test.
+    """
+    client = Client(proxy)
+    try:
+        wait_upstream(proxy, proxy.session_id_for(client.local_port))
+    finally:
+        client.close()
+
+
+def wait_upstream(proxy: ProxyProcess, session_id: str) -> None:
+    """Wait until the session has its verified upstream connection."""
+    proxy.wait_for_event("upstream.tls_established", lambda e: e["session_id"] == session_id)
+
+
+def open_sockets(proxy: ProxyProcess) -> int:
+    """How many sockets the proxy process holds (of its file descriptors, the ones sessions
+    use: the listener's spare descriptor, /dev/null, comes and goes under a shortage)."""
+    fd_dir = Path(f"/proc/{proxy.pid}/fd")
+    count = 0
+    for entry in fd_dir.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed since the listing
+            count += os.readlink(entry).startswith("socket:")
+    return count
+
+
+def wait_until(condition: Callable[[], bool], what: Callable[[], object]) -> None:
+    """Wait (at most TIMEOUT s) for ``condition``; ``what()`` explains a failure."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {TIMEOUT} s: {what()}")
+        time.sleep(0.02)
 
 
 def verdicts(proxy: ProxyProcess, session_id: str) -> list[tuple[object, object]]:
@@ -275,42 +342,225 @@ def test_repeated_failures_are_slowed_down(
 # ---------------------------------------------------------------------------- timers
 
 
-def test_idle_session_is_closed_and_logged(
-    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
-) -> None:
-    box = mailbox([])
+def read_until_closed(client: Client, commands: Sequence[str] = ()) -> list[bytes]:
+    """Send ``commands`` one by one (then nothing) and read until the proxy closes.
+
+    The close may come at any step: nothing here needs a reply before a timer fires.
+    """
+    lines = []
+    with contextlib.suppress(ConnectionError):
+        line = client.line()
+        for command in commands:
+            if not line:
+                break
+            lines.append(line)
+            line = client.command(command)
+        while line:
+            lines.append(line)
+            line = client.line()
+    return lines
+
+
+def test_idle_session_is_closed_and_logged(tmp_path: Path, dovecot: Dovecot) -> None:
+    """The client says nothing: the proxy ends the session, silently (RFC 1939 section 3).
+
+    (This test used to log in first and flaked: Dovecot's reply to PASS took longer than
+    the 0.5 s idle timer on a busy machine, and waiting for a reply is silence too.)
+    """
     with started_proxy(tmp_path, dovecot, "--idle-timeout", "0.5") as proxy:
         client = Client(proxy)
-        client.login(box)
-        assert client.closed()  # nothing sent: the proxy ends it
+        lines = read_until_closed(client)
+        assert all(line.startswith(b"+OK") for line in lines), lines  # the greeting at most
         client.close()
         closed = session_closed(proxy, client)
         assert closed["reason"] == "idle_timeout"
         assert proxy.find_events(
             "session.idle_timeout", lambda e: e.get("session_id") == closed["session_id"]
         )
-        fresh_session_works(proxy, box)
+        proxy_still_serves(proxy)
 
 
-def test_session_lifetime_limit_ends_a_busy_session(
-    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
-) -> None:
-    box = mailbox([])
+def test_session_lifetime_limit_ends_a_busy_session(tmp_path: Path, dovecot: Dovecot) -> None:
+    """A client that never stops sending (CAPA, every reply) is ended by the lifetime
+    limit; the idle timer (600 s) cannot be what ends it."""
     with started_proxy(tmp_path, dovecot, "--session-timeout", "1") as proxy:
         client = Client(proxy)
-        client.login(box)
-        replies = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            reply = client.command("NOOP")
-            if not reply:
-                break
-            replies.append(reply)
-            time.sleep(0.1)
-        assert replies  # it was busy, not idle
-        assert time.monotonic() < deadline
+        started = time.monotonic()
+        lines = read_until_closed(client, ["CAPA"] * 100_000)
+        assert time.monotonic() - started < TIMEOUT
+        assert not [line for line in lines if line.startswith(b"-ERR")], lines[-3:]
         client.close()
         assert session_closed(proxy, client)["reason"] == "session_timeout"
+        proxy_still_serves(proxy)
+
+
+# ---------------------------------------------------------------------------- slow clients
+
+
+def trickle(clients: Sequence[Client], payloads: Sequence[bytes], pause: float) -> list[bytes]:
+    """Send ``payloads[i]`` to ``clients[i]`` every ``pause`` s until the proxy closes each.
+
+    Bounded: at most 15 s in all. Returns what each client received.
+    """
+    received = {client.sock: b"" for client in clients}
+    payload_of = {client.sock: payload for client, payload in zip(clients, payloads, strict=True)}
+    open_ = set(received)
+    deadline = time.monotonic() + 15.0
+    next_send = time.monotonic()
+    while open_ and time.monotonic() < deadline:
+        if time.monotonic() >= next_send:
+            next_send += pause
+            for sock in open_:
+                if b"-ERR" in received[sock]:
+                    continue  # told already: the end follows
+                with contextlib.suppress(OSError):  # closed just now: read what it sent first
+                    sock.sendall(payload_of[sock])
+        wait = max(0.0, next_send - time.monotonic())
+        readable, _, _ = select.select(list(open_), [], [], wait)
+        for sock in readable:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            received[sock] += data
+            if not data:
+                open_.discard(sock)
+    assert not open_, f"{len(open_)} of {len(clients)} connections still open after 15 s"
+    return [received[client.sock] for client in clients]
+
+
+@dataclass(frozen=True)
+class SlowClient:
+    """How a slow client misbehaves, and the deadline (made 1 s) that must end it."""
+
+    flag: str
+    payload: bytes
+    reason: str
+    goodbye: bytes
+
+
+SLOW_CLIENTS = {
+    "octets": SlowClient(
+        "--command-timeout",
+        b"x",
+        "command_timeout",
+        b"-ERR [SYS/TEMP] command line not completed within 1 s, closing\r\n",
+    ),
+    "commands": SlowClient(
+        "--login-timeout",
+        b"CAPA\r\n",
+        "login_timeout",
+        b"-ERR [SYS/TEMP] no login within 1 s, closing\r\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("slow", list(SLOW_CLIENTS.values()), ids=list(SLOW_CLIENTS))
+def test_slow_clients_are_closed_and_free_their_descriptors(
+    tmp_path: Path, dovecot: Dovecot, slow: SlowClient
+) -> None:
+    """20 connections, each holding an upstream TLS session, send one octet every 0.2 s and
+    never end the line, or a whole CAPA every 0.2 s and never log in: the idle timer alone
+    would never fire. The line (or login) deadline closes them all with its own reason and
+    goodbye, and the proxy's sockets go back to what they were. Only the deadline under test
+    is short (the other is 60 s), so which one fires cannot depend on the machine's speed."""
+    count = 20
+    with started_proxy(tmp_path, dovecot, slow.flag, "1") as proxy:
+        baseline = open_sockets(proxy)
+        clients = [Client(proxy) for _ in range(count)]
+        sessions = [proxy.session_id_for(client.local_port) for client in clients]
+        for session_id in sessions:
+            wait_upstream(proxy, session_id)
+        assert open_sockets(proxy) >= baseline + 2 * count  # each holds its client and upstream
+        received = trickle(clients, [slow.payload] * count, 0.2)
+        for session_id, data in zip(sessions, received, strict=True):
+            closed = proxy.wait_session_closed(session_id)
+            assert closed["reason"] == slow.reason, closed
+            assert data.endswith(slow.goodbye), data[-200:]
+            before = data.removesuffix(slow.goodbye).split(b"\r\n")[:-1]
+            # The greeting, and CAPA replies (+OK, capability lines, "."), if they came first.
+            assert all(not line.startswith(b"-") for line in before), before
+        if slow.reason == "command_timeout":  # no line was ever finished: nothing went upstream
+            closes = [proxy.wait_session_closed(session_id) for session_id in sessions]
+            assert {closed["bytes_to_upstream"] for closed in closes} == {0}
+        for client in clients:
+            client.close()
+        wait_until(lambda: open_sockets(proxy) == baseline, lambda: (open_sockets(proxy), baseline))
+        proxy_still_serves(proxy)
+
+
+# ---------------------------------------------------------------------------- file descriptors
+
+
+def soft_nofile(proxy: ProxyProcess) -> int:
+    """The proxy's soft RLIMIT_NOFILE, from /proc (``Max open files``)."""
+    for line in Path(f"/proc/{proxy.pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+def test_the_soft_descriptor_limit_is_raised_to_fit_max_sessions(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """2 descriptors a session and 64 to spare: 1000 sessions need 2064."""
+    with started_proxy(tmp_path, dovecot, nofile=(128, 4096)) as proxy:
+        raised = proxy.wait_for_event("fd_limit.raised")
+        assert (raised["previous"], raised["soft_limit"], raised["hard_limit"]) == (128, 2064, 4096)
+        assert soft_nofile(proxy) == 2064
+        assert proxy.find_events("fd_limit.too_low") == []
+
+
+@pytest.mark.parametrize("limit", [64, 65], ids=["even", "odd"])
+def test_out_of_descriptors_is_the_proxy_s_own_shortage_and_it_recovers(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory, limit: int
+) -> None:
+    """With 64 (or 65) descriptors, about 25 sessions fit. Clients beyond that are told the
+    proxy is out of resources, never that the mail server is unreachable: once the upstream
+    connect finds no descriptor left, and once accept(2) itself finds none (the listener's
+    spare descriptor answers them); which one comes first depends on the limit's parity.
+    When the sessions close, the proxy serves again."""
+    box = mailbox([])
+    with started_proxy(tmp_path, dovecot, nofile=(limit, limit)) as proxy:
+        too_low = proxy.wait_for_event("fd_limit.too_low")
+        assert (too_low["needed"], too_low["soft_limit"], too_low["hard_limit"]) == (
+            2064,
+            limit,
+            limit,
+        )
+        assert too_low["level"] == "warning"
+        baseline = open_sockets(proxy)
+        held: list[Client] = []
+        refused: list[Client] = []
+        for _ in range(60):  # bounded; about 25 fit
+            client = Client(proxy)
+            first = client.line()
+            assert first, "closed without a word"
+            if first.startswith(b"+OK"):
+                held.append(client)
+                continue
+            assert first == b"-ERR [SYS/TEMP] the proxy is out of resources, try again later\r\n"
+            refused.append(client)
+            if len(refused) == 5:
+                break
+        assert len(refused) == 5, (len(held), proxy.log_text()[-3000:])
+        assert 10 < len(held) < 32, len(held)
+        reasons = {session_closed(proxy, client)["reason"] for client in refused}
+        assert reasons <= {"local_resources", "refused_local_resources"}, reasons
+        failures = proxy.find_events("upstream.failed")
+        assert {(f["phase"], f["reason"], f["level"]) for f in failures} <= {
+            ("connect", "local_resources", "error")
+        }, failures
+        assert b"unreachable" not in proxy.log_bytes()
+        if "refused_local_resources" in reasons:
+            assert proxy.wait_for_event("listener.accept_failed")["reason"] == "local_resources"
+        for client in [*held, *refused]:
+            client.close()
+        for client in held:
+            session_closed(proxy, client)
+        wait_until(lambda: open_sockets(proxy) == baseline, lambda: (open_sockets(proxy), baseline))
+        fresh_session_works(proxy, box)
+        assert "Traceback" not in proxy.log_text()
 
 
 def test_silent_upstream_handshake_times_out_with_sys_temp(tmp_path: Path) -> None:

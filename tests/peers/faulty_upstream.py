@@ -47,6 +47,7 @@ __all__ = [
     "close_mid_retr",
     "close_while_idle",
     "dot_stuff",
+    "hold_after",
     "never_greet",
     "never_handshake",
     "quit_without_notify",
@@ -302,6 +303,21 @@ def close_before_reply(verb: bytes) -> Script:
             conn.close_notify()
             return
         conn.close_without_notify()
+
+    return script
+
+
+def hold_after(verb: bytes) -> Script:
+    """Serve normally until the client sends ``verb``; never answer it, and keep the
+    connection open (saying nothing) until the proxy hangs up or ``io_timeout`` passes."""
+
+    def script(conn: UpstreamConnection) -> None:
+        conn.handshake()
+        conn.send(GREETING)
+        if conn.dialogue(until=lambda line: line.upper().startswith(verb)) is None:
+            conn.close_notify()
+            return
+        conn.hold(limit=conn.io_timeout)
 
     return script
 
