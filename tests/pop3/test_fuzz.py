@@ -2,10 +2,10 @@
 
 Whatever arrives, the engine may only raise :class:`RemoteProtocolError` (and refuse further
 input with :class:`LocalProtocolError` afterwards); what it forwards is always a faithful copy
-of what it received; and no credential ever shows in an event. ``POP3PROXY_FUZZ_EXAMPLES``
-raises the example count for a longer local run. No example database is used (the ``ci``
-profile in ``tests/conftest.py``): each run explores afresh, and a failure prints its
-reproduction blob.
+of what it received, whole lines only, none with a control octet; and no credential ever
+shows in an event. ``POP3PROXY_FUZZ_EXAMPLES`` raises the example count for a longer local
+run. No example database is used (the ``ci`` profile in ``tests/conftest.py``): each run
+explores afresh, and a failure prints its reproduction blob.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pop3proxy.pop3 import (
+    REFUSALS,
     STLS_REFUSAL,
+    Command,
     Event,
     LocalProtocolError,
+    LocalReply,
     Pop3Conversation,
     RemoteProtocolError,
+    SaslResponse,
 )
 from tests.pop3.helpers import Side, Step, merge_body_chunks
 
@@ -282,6 +286,29 @@ def assert_no_credential(events: Sequence[Event], conversation: Pop3Conversation
         assert credential.decode() not in shown
 
 
+def assert_whole_clean_lines(fed: Feeder) -> None:
+    """Upstream gets whole client lines, in order, none with a control octet before its end.
+
+    A line is forwarded exactly as received or not at all (RFC 1939 section 3: nothing the
+    upstream could read differently, see ``REFUSALS``).
+    """
+    client_lines = lines_of(fed.client_in)
+    forwarded = lines_of(fed.upstream)
+    it = iter(client_lines)
+    assert all(line in it for line in forwarded), "a forwarded line is not a client line"
+    for line in forwarded:
+        assert line.endswith(b"\n")
+        body = line.removesuffix(b"\n").removesuffix(b"\r")
+        assert not any(octet < 0x20 or octet == 0x7F for octet in body), line
+
+
+def without_local_replies(downstream: bytes) -> bytes:
+    """What the client got, without the lines the proxy itself answered."""
+    for reply in (STLS_REFUSAL, *REFUSALS.values()):
+        downstream = downstream.replace(reply, b"")
+    return downstream
+
+
 # ---------------------------------------------------------------------------- raw bytes
 
 
@@ -293,6 +320,7 @@ def test_any_client_bytes(data: bytes) -> None:
         fed = feed([*before, ("C", data)])
         assert_broken_after_error(fed)
         assert is_subsequence(fed.upstream, data)
+        assert_whole_clean_lines(fed)
 
 
 @FUZZ
@@ -310,7 +338,8 @@ def test_any_bytes_both_sides(client: bytes, server: bytes, client_first: bool) 
     fed = feed(steps if client_first else steps[::-1])
     assert_broken_after_error(fed)
     assert is_subsequence(fed.upstream, fed.client_in)
-    assert is_subsequence(fed.downstream.replace(STLS_REFUSAL, b""), fed.server_in)
+    assert_whole_clean_lines(fed)
+    assert is_subsequence(without_local_replies(fed.downstream), fed.server_in)
 
 
 # ---------------------------------------------------------------------------- plausible POP3
@@ -321,29 +350,37 @@ def test_any_bytes_both_sides(client: bytes, server: bytes, client_first: bool) 
 def test_plausible_conversations_default_rewrites(steps: list[Step]) -> None:
     fed = feed(steps)
     assert_broken_after_error(fed)
-    # Only whole STLS lines go missing upstream; STLS refusals are the only octets added.
+    # Only whole lines answered here go missing upstream (STLS, refused lines); their replies
+    # are the only octets added.
     assert is_subsequence(fed.upstream, fed.client_in)
-    assert is_subsequence(fed.downstream.replace(STLS_REFUSAL, b""), fed.server_in)
+    assert_whole_clean_lines(fed)
+    assert is_subsequence(without_local_replies(fed.downstream), fed.server_in)
     assert_no_credential(fed.events, fed.conversation)
 
 
 @FUZZ
 @given(st.one_of(conversations, sessions()))
 def test_plausible_conversations_verbatim(steps: list[Step]) -> None:
-    # Without rewrites the engine is a pure relay of complete lines (and body octets).
+    # Without rewrites the engine relays complete lines (and body octets) unchanged, except the
+    # lines it refuses, which it answers itself with one of REFUSALS.
     fed = feed(steps, Pop3Conversation(hidden_capabilities=frozenset(), local_replies={}))
     assert_broken_after_error(fed)
-    assert fed.client_in.startswith(fed.upstream)
-    assert fed.server_in.startswith(fed.downstream)
+    assert_whole_clean_lines(fed)
+    assert fed.server_in.startswith(without_local_replies(fed.downstream))
+    refused = [e for e in fed.events if isinstance(e, LocalReply)]
+    assert all(e.reason in REFUSALS and not e.command.args for e in refused)
     if fed.error is None:
-        # Everything up to the last complete client line went upstream, nothing more; but a
-        # pipelined QUIT waits for the replies before it, and what follows waits behind it.
-        complete = fed.client_in[: fed.client_in.rfind(b"\n") + 1]
-        held = complete[len(fed.upstream) :]
-        assert complete.startswith(fed.upstream)
-        assert not held or (held[:4].upper() == b"QUIT" and fed.conversation.pending)
+        # Every complete client line was read (as a command or SASL data), except a tail that
+        # waits for replies (a pipelined QUIT, an AUTH exchange, the pipelining bound); each
+        # line read went upstream unless it was refused.
+        complete = lines_of(fed.client_in[: fed.client_in.rfind(b"\n") + 1])
+        read = sum(isinstance(e, Command | SaslResponse) for e in fed.events)
+        assert read <= len(complete)
+        if read < len(complete):
+            assert fed.conversation.client_paused
+        assert len(lines_of(fed.upstream)) + len(refused) <= read
         # What the server sent and was not forwarded can only be an unfinished line.
-        assert b"\n" not in fed.server_in[len(fed.downstream) :]
+        assert b"\n" not in fed.server_in[len(without_local_replies(fed.downstream)) :]
     assert_no_credential(fed.events, fed.conversation)
 
 
