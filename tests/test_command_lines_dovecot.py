@@ -27,6 +27,7 @@ from pop3proxy.pop3 import REFUSALS, SASL_REFUSAL
 from tests.conftest import SHARED_PROXY_ARGS
 from tests.peers.dovecot import Dovecot
 from tests.peers.proxy import ProxyProcess
+from tests.test_no_leak import opened_sessions, session_of
 
 TIMEOUT = 10.0
 
@@ -98,11 +99,12 @@ class Client:
     """A raw POP3 client from a chosen loopback address, that records every reply line."""
 
     def __init__(self, proxy: ProxyProcess, source: str = "127.0.0.1") -> None:
+        before = opened_sessions(proxy)
         self.sock = socket.create_connection(
             ("127.0.0.1", proxy.port), timeout=TIMEOUT, source_address=(source, 0)
         )
         self.file = self.sock.makefile("rb")
-        self.session_id = proxy.session_id_for(self.sock.getsockname()[1])
+        self.session_id = session_of(proxy, self.sock, before)
         self.replies: list[bytes] = []
 
     def line(self) -> bytes:

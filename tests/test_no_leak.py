@@ -112,11 +112,32 @@ def watch(
 # -- a client that remembers what it sent --------------------------------------------------------
 
 
+def opened_sessions(proxy: ProxyProcess) -> set[str]:
+    return {str(e["session_id"]) for e in proxy.find_events("session.opened")}
+
+
+def session_of(proxy: ProxyProcess, sock: socket.socket, before: set[str]) -> str:
+    """The id of the session ``sock`` opened: by its whole client address, among the sessions
+    not in ``before`` (opened before it connected).
+
+    ``ProxyProcess.session_id_for`` matches the client port alone and takes the first match,
+    but the kernel hands out a port again (to another source address at once, to the same
+    one once the earlier connection is gone): it can name an older session.
+    """
+    host, port = sock.getsockname()[:2]
+    event = proxy.wait_for_event(
+        "session.opened",
+        lambda e: e.get("client") == f"{host}:{port}" and e.get("session_id") not in before,
+    )
+    return str(event["session_id"])
+
+
 @contextlib.contextmanager
 def session(proxy: ProxyProcess) -> Iterator[tuple[poplib.POP3, str]]:
+    before = opened_sessions(proxy)
     pop = poplib.POP3("127.0.0.1", proxy.port, timeout=TIMEOUT)
     try:
-        session_id = proxy.session_id_for(pop.sock.getsockname()[1])
+        session_id = session_of(proxy, pop.sock, before)
         yield pop, session_id
     finally:
         pop.close()
@@ -264,9 +285,10 @@ def add_odd_secrets(secrets: Secrets, user: str, password: str) -> None:
 
 def odd_session(proxy: ProxyProcess, shape: OddShape, user: str, password: str) -> str:
     """One session with ``shape``, then STAT and QUIT; its id once it has closed."""
+    before = opened_sessions(proxy)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
         reader = sock.makefile("rb")
-        session_id = proxy.session_id_for(sock.getsockname()[1])
+        session_id = session_of(proxy, sock, before)
         replies = [reader.readline(4096)]
         lines = shape.lines(user.encode(), password.encode())
         with contextlib.suppress(OSError):
