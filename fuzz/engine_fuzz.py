@@ -10,7 +10,9 @@ The input drives a :class:`~pop3proxy.pop3.Pop3Conversation` from both sides: ea
 side and feeds it a slice of the input, sometimes a canned POP3 line so that the fuzzer gets
 past the greeting and into the SASL and body states quickly. Only ``RemoteProtocolError`` is
 expected; after it the engine must refuse input with ``LocalProtocolError``. Anything else,
-a relayed octet that was never received, or a credential in an event's ``repr`` is a crash.
+a relayed octet that was never received, a line forwarded upstream with a control octet in
+it (NUL, TAB, a bare CR...: refused lines are answered by the proxy, never forwarded), or a
+credential in an event's ``repr`` is a crash.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import atheris
 
 with atheris.instrument_imports():
     from pop3proxy.pop3 import (
+        REFUSALS,
         STLS_REFUSAL,
         Event,
         LocalProtocolError,
@@ -32,10 +35,13 @@ with atheris.instrument_imports():
 _CREDENTIALS = ("s3cr3t", "AGFsaWNlAHMzY3IzdA==")
 _CLIENT_LINES = (
     b"USER alice\r\n",
+    b"USER alice\x00\r\n",
+    b"USER alice\rPASS s3cr3t\r\n",
     b"PASS s3cr3t\r\n",
     b"APOP alice s3cr3t\r\n",
     b"AUTH PLAIN AGFsaWNlAHMzY3IzdA==\r\n",
     b"AUTH PLAIN\r\n",
+    b"AUTH FOO\r\n",
     b"AGFsaWNlAHMzY3IzdA==\r\n",
     b"AUTH\r\n",
     b"*\r\n",
@@ -62,6 +68,13 @@ _SERVER_LINES = (
 _MAX_ROUNDS = 64
 
 
+def _lines(data: bytes) -> list[bytes]:
+    """Lines as POP3 cuts them: at LF only."""
+    parts = [line + b"\n" for line in data.split(b"\n")]
+    parts[-1] = parts[-1][:-1]
+    return parts if parts[-1] else parts[:-1]
+
+
 def _is_subsequence(small: bytes, big: bytes) -> bool:
     it = iter(big)
     return all(byte in it for byte in small)
@@ -86,8 +99,12 @@ class _Harness:
         else:
             self.server_in += chunk
             receive = self.conversation.receive_server
+        conversation = self.conversation
         try:
             self.events += receive(chunk)
+            # As a relay does: lines held back are fed once replies have made room.
+            while conversation.client_backlog and not conversation.client_paused:
+                self.events += conversation.receive_client(b"")
         except RemoteProtocolError as exc:
             if exc.side not in ("client", "server") or not exc.reply_hint.startswith(b"-ERR"):
                 raise AssertionError("malformed RemoteProtocolError") from exc
@@ -108,7 +125,16 @@ class _Harness:
     def check_relay(self) -> None:
         if not _is_subsequence(bytes(self.upstream), bytes(self.client_in)):
             raise AssertionError("upstream octets are not a copy of client octets")
-        downstream = bytes(self.downstream).replace(STLS_REFUSAL, b"")
+        received = iter(_lines(bytes(self.client_in)))
+        for line in _lines(bytes(self.upstream)):
+            if line not in received:
+                raise AssertionError("a forwarded line is not a whole client line")
+            body = line.removesuffix(b"\n").removesuffix(b"\r")
+            if any(octet < 0x20 or octet == 0x7F for octet in body):
+                raise AssertionError("a line with a control octet was forwarded")
+        downstream = bytes(self.downstream)
+        for reply in (STLS_REFUSAL, *REFUSALS.values()):
+            downstream = downstream.replace(reply, b"")
         if not _is_subsequence(downstream, bytes(self.server_in)):
             raise AssertionError("client-bound octets are not a copy of server octets")
         shown = "".join(repr(e) for e in self.events)

@@ -796,7 +796,8 @@ class _Relay:
         _log_verdict(self.log, verdict, None if event.mechanism == "LOGIN" else event.user)
         if verdict.action != "deny" or verdict.dry_run:
             return
-        self._observe(self.conversation.answer_locally(event.command, verdict.reply or b""))
+        refusal, reason = verdict.reply or b"", verdict.reason
+        self._observe(self.conversation.answer_locally(event.command, refusal, reason=reason))
         self.end_after_flush = f"login_refused_{verdict.reason}"
 
     def _on_login_failed(self, event: LoginFailed) -> None:
@@ -822,7 +823,12 @@ class _Relay:
         )
 
     def _on_local_reply(self, event: LocalReply) -> None:
-        self.log.info("pop3.local_reply", verb=event.command.verb, status=event.status.indicator)
+        self.log.info(
+            "pop3.local_reply",
+            verb=event.command.verb,
+            status=event.status.indicator,
+            reason=event.reason,
+        )
 
     def _on_unsolicited(self, event: UnsolicitedResponse) -> None:
         status = event.status

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings
 
 from tests.peers.dovecot import (
     Dovecot,
@@ -29,6 +30,14 @@ from tests.peers.proxy import ProxyProcess, mark_every_log
 
 KIB = 1024
 MIB = 1024 * KIB
+
+# Hypothesis: no example database by default, so that a run never depends on what earlier
+# runs on this machine found (a failure once saved would be replayed first on every run until
+# ``.hypothesis/`` is deleted, and CI has none). A failure prints its reproduction blob. Locally,
+# ``pytest --hypothesis-profile=dev`` keeps and replays found examples in ``.hypothesis/``.
+settings.register_profile("ci", database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,14 @@ except where this module rewrites on purpose:
 * ``CAPA`` lines named in ``hidden_capabilities`` (``STLS``: the client side is plaintext by
   design) are dropped;
 * commands named in ``local_replies`` (``STLS``) never reach the server; the conversation
-  answers them itself, in their place in the reply order, so pipelining stays intact.
+  answers them itself, in their place in the reply order, so pipelining stays intact;
+* command lines that the server might read differently from the proxy (a NUL, a bare CR,
+  a TAB, a user name with spaces...) are answered the same way, with ``-ERR [SYS/PERM]``
+  (see "Command lines" below and :data:`REFUSALS`).
+
+Client lines may also wait (:attr:`~Pop3Conversation.client_paused`) and are forwarded
+later, unchanged: behind a full pipeline, a pipelined QUIT behind earlier replies, and a
+line in an AUTH exchange until the server has asked for it.
 
 Rule 1: nothing here does I/O, reads a clock or logs. Rule 2: every state transition lives in
 ``_TRANSITIONS`` below; everything else only reads ``state``.
@@ -36,7 +43,7 @@ import binascii
 import re
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -70,6 +77,8 @@ __all__ = [
     "MAX_COMMAND_LINE",
     "MAX_SASL_LINE",
     "MAX_STATUS_LINE",
+    "REFUSALS",
+    "SASL_REFUSAL",
     "STLS_REFUSAL",
     "UNKNOWN_VERB",
     "Pop3Conversation",
@@ -99,14 +108,25 @@ _MULTILINE_ALWAYS = frozenset({"CAPA", "RETR", "TOP"})
 #: Commands whose positive reply is multi-line only without an argument: ``LIST`` and ``UIDL``
 #: (RFC 1939 section 5, 7), and ``AUTH`` which lists the mechanisms (RFC 1734 usage).
 _MULTILINE_WITHOUT_ARGS = frozenset({"LIST", "UIDL", "AUTH"})
-#: Commands whose arguments are all secret. RPOP (RFC 1081) is obsolete but carries a
-#: credential-like token.
-_ALL_ARGS_SECRET = frozenset({"PASS", "RPOP"})
-
 #: Verbs reported by name. Any other first word is reported as ``UNKNOWN`` with the whole
 #: line as a secret: a confused client (or a person at telnet) may send a bare password.
 #: RFC 1939, RFC 1081/1460 (RPOP, LAST), RFC 2449 (CAPA), RFC 2595 (STLS), RFC 5034 (AUTH),
 #: RFC 6856 (UTF8, LANG), and extensions seen in the wild (XTND, XCLIENT).
+#:
+#: What the log shows of their arguments: only an argument that has the form its verb
+#: defines. Anything else a client puts there is a :class:`Secret`, because a confused
+#: client may type a password anywhere, and what no RFC defines cannot be known to be safe:
+#:
+#: * secret: PASS and RPOP (the rest of the line: a password may contain spaces, RFC 1939
+#:   section 7), the APOP digest, the AUTH initial response and every SASL line after it;
+#: * user name (personal data, not a secret: logged, pseudonymised by the telemetry when a
+#:   key is set): the one argument of USER and the first of APOP; nothing after it is ever
+#:   reported, since a line with more is refused (see :data:`REFUSALS`);
+#: * a SASL mechanism name (RFC 4422 section 3.1): AUTH's first argument;
+#: * decimal numbers (message numbers, TOP's line count): LIST, UIDL, RETR, DELE, TOP;
+#: * a language tag or ``*`` (RFC 6856 section 3): LANG; a keyword: XTND;
+#: * no argument at all (QUIT, STAT, NOOP, RSET, CAPA, STLS, LAST, UTF8) or attributes that
+#:   may name a person or an address (XCLIENT): whatever follows the verb is one secret.
 KNOWN_VERBS = frozenset(
     {
         "USER", "PASS", "APOP", "AUTH", "QUIT", "STAT", "LIST", "RETR", "DELE", "NOOP",
@@ -115,7 +135,88 @@ KNOWN_VERBS = frozenset(
     }
 )  # fmt: skip
 UNKNOWN_VERB = "UNKNOWN"
-_FIRST_WORD = re.compile(r"(\S*)\s?(.*)", re.DOTALL)
+#: The verb as sent (any case: RFC 2449 section 3 keywords are case-insensitive, compared in
+#: ASCII as servers do) to its name; ``bytes.upper`` maps ASCII letters only.
+_VERB_NAMES = {verb.encode("ascii"): verb for verb in KNOWN_VERBS}
+#: Verbs that name the user or start a login: their lines are read strictly.
+_LOGIN_START_VERBS = frozenset({"USER", "APOP", "AUTH"})
+_NUMBER = re.compile(rb"[0-9]{1,20}")
+#: The form of each argument the log may show, per verb; the other verbs show none.
+_SHOWN_ARGUMENTS: Mapping[str, re.Pattern[bytes]] = {
+    "LIST": _NUMBER,
+    "UIDL": _NUMBER,
+    "RETR": _NUMBER,
+    "DELE": _NUMBER,
+    "TOP": _NUMBER,
+    "LANG": re.compile(rb"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*|\*"),  # RFC 5646 section 2.1
+    "XTND": re.compile(rb"[A-Za-z]{1,20}"),
+}
+#: Several such arguments, separated by single SPs.
+_SHOWN_LISTS = {
+    verb: re.compile(rb"(?:%s)(?: (?:%s))+" % (form.pattern, form.pattern))
+    for verb, form in _SHOWN_ARGUMENTS.items()
+}
+
+# Command lines: what the proxy refuses to forward (RFC 1939 section 3, RFC 2449, RFC 6856).
+#
+# The proxy must read every line exactly as the upstream will, or a policy decided on one
+# reading (a user bound to a network, a user rule) is applied to a login the upstream reads
+# as another. Servers disagree on everything RFC 1939 section 3 leaves out (keywords and
+# arguments of printable characters, separated by a single SP, ended by CRLF). Dovecot 2.3,
+# for one, ends a user name at a NUL (``USER alice\0`` logs alice in), skips a CR inside
+# the verb before login (``US\rER alice`` is USER), keeps a TAB inside a word and a bare CR
+# inside an argument, takes everything after USER's SP as the name, and skips white space
+# inside an AUTH initial response; other servers split words at any white space, some of
+# them (Python's ``str.split``) at Unicode white space such as U+00A0. So the engine reads
+# a line the one way every server agrees on and answers anything else itself:
+#
+# * a line ends at LF; a CR right before it is part of the line end (CRLF, RFC 1939 section 3).
+#   A bare LF ends a line too, as in Dovecot, Cyrus, Courier, qpopper and UW ipop3d, so the
+#   proxy and the upstream cut lines at the same places;
+# * before its end a line has no C0 control octet and no DEL: no NUL, no TAB (RFC 1939 has
+#   SP only, servers disagree on TAB and no client sends it) and no CR;
+# * words are split at each SP, exactly (an empty word is an empty word), the verb is the
+#   first and is ASCII;
+# * octets 0x80-0xFF elsewhere pass unchanged: UTF-8 user names and passwords (RFC 6856),
+#   legacy 8-bit passwords;
+# * the lines that name a user or start a login are read strictly: USER takes one name,
+#   APOP a name and a digest, AUTH a mechanism and an optional base64 initial response;
+#   a user name is printable UTF-8 (``str.isprintable``: no control or format character,
+#   no white space of any script).
+#
+# A refused line never reaches the upstream, is answered in its place among the replies
+# (pipelining keeps its order), and reports no user name (nothing for a policy to check).
+# SASL continuation lines are checked in :meth:`Pop3Conversation._sasl_client_line`.
+_CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
+_SASL_MECHANISM = re.compile(rb"[A-Za-z0-9_-]{1,20}")  # RFC 4422 section 3.1, any case
+#: Base64 as RFC 4648 section 4 writes it, padding included: what the SASL user readers decode.
+_BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+#: RFC 5034 section 4: an empty initial response is sent as ``=``; ``*`` cancels an exchange.
+_EMPTY_RESPONSE = b"="
+_CANCEL = b"*"
+
+#: The reply to a refused command line, by reason (the stable word logged with it). The code
+#: is RFC 3206 ``[SYS/PERM]``: the same line is always refused, so retrying it is pointless,
+#: and it is not ``[AUTH]``, which tells a client that the credentials are wrong (many then
+#: ask the user for a new password). The session goes on.
+REFUSALS: Mapping[str, bytes] = {
+    "control_character": b"-ERR [SYS/PERM] a command line may not contain control characters "
+    b"(NUL, TAB, a CR before its end...; RFC 1939 section 3)\r\n",
+    "malformed_verb": b"-ERR [SYS/PERM] a command line starts with its keyword, in ASCII "
+    b"(RFC 1939 section 3)\r\n",
+    "malformed_user": b"-ERR [SYS/PERM] USER takes one user name: printable UTF-8 without "
+    b"spaces (RFC 1939 section 7, RFC 6856)\r\n",
+    "malformed_apop": b"-ERR [SYS/PERM] APOP takes a user name and a digest, separated by one "
+    b"space (RFC 1939 section 7)\r\n",
+    "malformed_auth": b"-ERR [SYS/PERM] AUTH takes a mechanism name and an optional base64 "
+    b"initial response, separated by one space (RFC 5034 section 4)\r\n",
+}
+#: What a client gets for a SASL line that is not base64 (the session then ends: the server
+#: waits for that line, and no reply in its place could keep the exchange in step).
+SASL_REFUSAL = (
+    b"-ERR [SYS/PERM] an AUTH response must be one line of base64, or * to cancel "
+    b"(RFC 5034 section 4)\r\n"
+)
 
 #: Pseudo verb for the state table: AUTH with a mechanism is a login, AUTH alone is a listing.
 _SASL = "AUTH <mechanism>"
@@ -140,8 +241,8 @@ _BARE_OK = Status(ok=True, code=None, text="")
 _BARE_ERR = Status(ok=False, code=None, text="")
 #: Status indicators (RFC 1939 section 3).
 _INDICATORS = (b"+OK", b"-ERR")
-#: What may follow a verb of four letters on its line (white space, or the line's end).
-_VERB_ENDS = (b" ", b"\t", b"\r", b"\n", b"\x0b", b"\x0c")  # a tuple: bytearray slices too
+#: What may follow a verb of four letters on its line (a SP, or the line's end).
+_VERB_ENDS = (b" ", b"\r", b"\n")  # a tuple: bytearray slices too
 _UNUSABLE = "conversation already failed with a protocol error"
 
 
@@ -213,8 +314,9 @@ class _Pending:
 
     command: Command
     multiline: bool
-    #: Bytes the proxy answers with instead of the server, or None.
+    #: Bytes the proxy answers with instead of the server, or None; and why (``LocalReply``).
     local_reply: bytes | None = None
+    local_reason: str = ""
     #: For AUTH with a mechanism: the SASL exchange.
     mechanism: str | None = None
     sasl_first: Secret | None = None
@@ -306,13 +408,27 @@ class Pop3Conversation:
     @property
     def client_paused(self) -> bool:
         """Buffered client lines must wait for replies: ``max_pipelined`` commands are
-        pending, or the next line is a QUIT that waits for the replies before it."""
+        pending, the next line is a QUIT that waits for the replies before it, or it is in
+        an AUTH exchange and the server has not asked for it yet."""
         return self.client_backlog and (
-            self._pipeline_full() or self._quit_waits(self._client_buf, 0)
+            self._pipeline_full() or self._sasl_waits() or self._quit_waits(self._client_buf, 0)
         )
 
     def _pipeline_full(self) -> bool:
         return self._open_auth is None and len(self._pending) >= self._pipeline_limit
+
+    def _sasl_waits(self) -> bool:
+        """In an AUTH exchange, a client line waits until the server has asked for it.
+
+        Until the server answers the AUTH line (or the last SASL line), nobody can tell how it
+        will read the next one: as SASL data after a ``+`` continuation request, or as a
+        command once the exchange is over (RFC 5034 section 4). Read here as SASL data and
+        upstream as a command, a ``USER`` pipelined behind a failing ``AUTH`` would reach the
+        server without a policy ever seeing the name. Held, each line is read once the
+        server's answer says what it is (the server always answers: nothing can deadlock).
+        """
+        auth = self._open_auth
+        return auth is not None and auth.sasl_challenges <= auth.sasl_lines_sent
 
     def _quit_waits(self, buf: bytes | bytearray, start: int) -> bool:
         """A pipelined QUIT is held until every earlier reply is complete.
@@ -323,12 +439,18 @@ class Pop3Conversation:
         reaches the server only after the last reply has reached the proxy (RFC 1939
         section 6: the UPDATE state is entered only with QUIT, so nothing is lost by waiting).
         """
-        return (
-            bool(self._pending)
+        if not (
+            self._pending
             and self._open_auth is None
             and buf[start : start + 4].upper() == b"QUIT"
             and buf[start + 4 : start + 5] in _VERB_ENDS
-        )
+        ):
+            return False
+        # Only a QUIT that will reach the server: one refused here (a control octet) is
+        # answered in its place at once. ``buf`` holds the whole line (a LF follows).
+        end = buf.find(b"\n", start)
+        end -= buf[end - 1 : end] == b"\r"
+        return _CONTROL_OCTET.search(buf, start, end) is None
 
     def receive_client(self, data: bytes) -> list[Event]:
         """Feed octets from the client; return the events they complete.
@@ -341,14 +463,19 @@ class Pop3Conversation:
         events: list[Event] = []
         buf = self._client_buf
         end = data.find(b"\n") + 1
+        auth = self._open_auth
         if (
             0 < end == len(data) <= self._short_line
             and not buf
-            and (self._open_auth is not None or len(self._pending) < self._pipeline_limit)
-            and not self._quit_waits(data, 0)
+            and (
+                len(self._pending) < self._pipeline_limit and not self._quit_waits(data, 0)
+                if auth is None
+                else auth.sasl_challenges > auth.sasl_lines_sent
+            )
         ):
             # The common read: exactly one line (its first LF is its last octet), within both
-            # limits, nothing buffered before it, room in the pipeline (not _pipeline_full).
+            # limits, nothing buffered before it, and nothing makes it wait (a full pipeline,
+            # a pipelined QUIT, a SASL line the server has not asked for yet).
             # The loop below would copy it through the buffer only to find it valid: forward
             # data itself (bytes are immutable; body chunks are forwarded uncopied too).
             self._client_line(data, events)
@@ -356,16 +483,18 @@ class Pop3Conversation:
         buf += data
         start = 0
         try:
-            while not self._pipeline_full():
+            while True:
                 newline = buf.find(b"\n", start)
+                # The next line's length is checked even while it waits: the relay keeps
+                # reading while only part of a line is buffered.
+                length = (newline + 1 if newline >= 0 else len(buf)) - start
+                self._check_client_line(bytes(buf[start : start + 5]), length)
                 if newline < 0:
-                    self._check_client_line(bytes(buf[start : start + 5]), len(buf) - start)
                     break
-                if self._quit_waits(buf, start):
+                if self._pipeline_full() or self._sasl_waits() or self._quit_waits(buf, start):
                     break
                 line = bytes(buf[start : newline + 1])
                 start = newline + 1
-                self._check_client_line(line, len(line))
                 self._client_line(line, events)
         finally:
             del buf[:start]
@@ -442,12 +571,15 @@ class Pop3Conversation:
         out.clear()
         return data
 
-    def answer_locally(self, command: Command, reply: bytes) -> list[Event]:
+    def answer_locally(
+        self, command: Command, reply: bytes, *, reason: str = "caller"
+    ) -> list[Event]:
         """Answer ``command`` with ``reply`` instead of sending it to the server.
 
         For the caller's own policies (e.g. refusing a login by network). Must be called
         before the command's octets were taken with :meth:`take_upstream_bytes`. The reply
-        still goes out in the command's place among the replies.
+        still goes out in the command's place among the replies; its :class:`LocalReply`
+        carries ``reason``.
         """
         kept = [(seq, chunk) for seq, chunk in self._to_server if seq != command.seq]
         if len(kept) == len(self._to_server):
@@ -456,6 +588,7 @@ class Pop3Conversation:
         for item in self._pending:
             if item.command.seq == command.seq:
                 item.local_reply = reply
+                item.local_reason = reason
                 if self._open_auth is item:
                     self._open_auth = None
                 break
@@ -482,30 +615,40 @@ class Pop3Conversation:
             self._sasl_client_line(auth, line, events)
             return
         self._seq += 1
-        command = _parse_command(self._seq, line)
+        command, has_arguments, refusal = _parse_command(self._seq, line)
         verb = command.verb
         multiline = verb in _MULTILINE_ALWAYS or (
-            verb in _MULTILINE_WITHOUT_ARGS and not command.args
+            verb in _MULTILINE_WITHOUT_ARGS and not has_arguments
         )
         pending = _Pending(command, multiline)
         events.append(command)
         self._pending.append(pending)
-        if verb in self._local_replies:
-            pending.local_reply = self._local_replies[verb]
+        if refusal is not None:
+            pending.local_reply = REFUSALS[refusal]
+            pending.local_reason = refusal
             self._flush_local_replies(events)
             return
-        if verb == "AUTH" and command.args:
-            pending.mechanism = str(command.args[0]).upper()
-            initial = command.args[1] if len(command.args) > 1 else None
-            pending.sasl_first = initial if isinstance(initial, Secret) else None
-            self._open_auth = pending
-            events.append(
-                SaslStarted(command, pending.mechanism, initial_response=initial is not None)
-            )
-            self._name_sasl_user(pending, events)
-        elif verb in {"USER", "APOP"} and command.args:
-            self.user = str(command.args[0])
-            events.append(UserNamed(command, self.user, "APOP" if verb == "APOP" else "USER"))
+        if verb in self._local_replies:
+            pending.local_reply = self._local_replies[verb]
+            pending.local_reason = "local_verb"
+            self._flush_local_replies(events)
+            return
+        if has_arguments and verb in _LOGIN_START_VERBS:
+            # Read strictly by _parse_command: the name (USER, APOP), the mechanism and the
+            # initial response (AUTH) are where they belong.
+            first = str(command.args[0])
+            if verb == "AUTH":
+                initial = command.args[1] if len(command.args) > 1 else None
+                pending.mechanism = first.upper()
+                pending.sasl_first = initial if isinstance(initial, Secret) else None
+                self._open_auth = pending
+                events.append(
+                    SaslStarted(command, pending.mechanism, initial_response=initial is not None)
+                )
+                self._name_sasl_user(pending, events)
+            else:
+                self.user = first
+                events.append(UserNamed(command, first, verb))
         self._to_server.append((command.seq, line))
 
     def _name_sasl_user(self, auth: _Pending, events: list[Event]) -> None:
@@ -514,8 +657,21 @@ class Pop3Conversation:
             events.append(UserNamed(auth.command, user, auth.mechanism or ""))
 
     def _sasl_client_line(self, auth: _Pending, line: bytes, events: list[Event]) -> None:
-        data = Secret(line.rstrip(b"\r\n").decode("utf-8", "replace"))
-        cancelled = data.reveal() == "*"
+        """A line the server asked for with a continuation request: base64, ``*`` to cancel.
+
+        Anything else ends the session (RFC 5034 section 4). A NUL, a CR or white space in
+        it would be read differently upstream (Dovecot ends the line at a NUL and logs in
+        with what came before), so the user name read here could be another one; and no
+        reply in its place could keep the server's exchange in step.
+        """
+        body = line[: len(line) - (2 if line.endswith(b"\r\n") else 1)]
+        if body not in (_CANCEL, _EMPTY_RESPONSE) and _BASE64.fullmatch(body) is None:
+            self._broken = True
+            raise RemoteProtocolError(
+                "SASL response line is not base64", side="client", reply_hint=SASL_REFUSAL
+            )
+        data = Secret(body.decode("ascii"))
+        cancelled = body == _CANCEL
         auth.sasl_lines_sent += 1
         auth.sasl_cancelled = auth.sasl_cancelled or cancelled
         events.append(SaslResponse(auth.command, data, cancelled=cancelled))
@@ -676,13 +832,8 @@ class Pop3Conversation:
         trusted = status.ok or mechanism != "LOGIN"
         self.user = _sasl_user(mechanism, head.sasl_first) if trusted else None
         self._login_result(status, mechanism, self.user, events, cancelled=head.sasl_cancelled)
-        # Lines the client sent that no challenge asked for are read by the server as
-        # commands; queue them so that their replies are matched (RFC 5034 forbids this,
-        # but a confused client must not desynchronise the queue).
-        for _ in range(max(0, head.sasl_lines_sent - head.sasl_challenges)):
-            self._seq += 1
-            orphan = Command(self._seq, UNKNOWN_VERB, (Secret("unsolicited SASL line"),))
-            self._pending.appendleft(_Pending(command=orphan, multiline=False))
+        # Every SASL line answered a continuation request (_sasl_waits held the others): the
+        # lines after the exchange are commands, read as such once they are released.
 
     def _login_result(
         self,
@@ -707,7 +858,7 @@ class Pop3Conversation:
             reply = head.local_reply or b""
             status = parse_status(reply) or _BARE_ERR
             self._to_client.append(reply)
-            events.append(LocalReply(head.command, status))
+            events.append(LocalReply(head.command, status, head.local_reason))
             events.append(CommandCompleted(head.command, status, len(reply)))
 
     def _require_status(self, line: bytes) -> Status:
@@ -725,36 +876,118 @@ class Pop3Conversation:
         )
 
 
-def _parse_command(seq: int, line: bytes) -> Command:
-    """Split a command line into verb and arguments, marking secrets (RFC 1939 section 3).
+#: A command line as read (see "Command lines" above): the command; whether something
+#: follows the verb's SP (LIST, UIDL and AUTH replies then have no body); why the line is
+#: answered here instead of forwarded (a key of REFUSALS), or None.
+_Parsed = tuple[Command, bool, str | None]
 
-    The verb ends at the first white space of any kind: a server that splits on TAB must
-    not see a login here that the log shows as something else.
+
+def _parse_command(seq: int, line: bytes) -> _Parsed:
+    """Read a command line (ending in LF) as every server does, or say why it is refused.
+
+    Words are split at each SP and nowhere else (RFC 1939 section 3), in bytes: neither
+    ``str.split`` (Unicode white space) nor Unicode case mapping (``"u\u017fer".upper()`` is
+    ``"USER"``) may make this reading differ from the upstream's.
     """
-    text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-    # A verb is usually alphanumeric, so holds no white space, and SP (if any) ends it; the
-    # regular expression finds the end of anything else.
-    word, _space, rest = text.partition(" ")
-    if not word.isalnum():
-        match = _FIRST_WORD.match(text)
-        word, rest = (match.group(1), match.group(2)) if match else ("", "")
-    verb = word.upper()
-    if verb not in KNOWN_VERBS:
-        return Command(seq, UNKNOWN_VERB, (Secret(text),) if text else ())
-    if verb in _ALL_ARGS_SECRET:
-        # RFC 1939 section 7: a password may contain spaces; it is the rest of the line.
-        return Command(seq, verb, (Secret(rest),) if rest else ())
-    if not rest:
-        return Command(seq, verb)
-    words = rest.split()
-    args: tuple[str | Secret, ...]
-    if verb == "APOP" and len(words) >= 2:
-        args = (*words[:-1], Secret(words[-1]))
-    elif verb == "AUTH" and len(words) >= 2:
-        args = (words[0], *(Secret(w) for w in words[1:]))
-    else:
-        args = tuple(words)
-    return Command(seq, verb, args)
+    body = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    word, _space, rest = body.partition(b" ")
+    verb = _VERB_NAMES.get(word.upper(), UNKNOWN_VERB)
+    # Words of ASCII letters and digits (bytes.isalnum) hold no control octet: most lines
+    # ("NOOP", "RETR 1") need no search.
+    plain = word.isalnum() and (not rest or rest.isalnum())
+    if not plain and _CONTROL_OCTET.search(body) is not None:
+        return Command(seq, verb), False, "control_character"
+    if verb == UNKNOWN_VERB:
+        if body and not (word and word.isascii()):
+            return Command(seq, verb), False, "malformed_verb"
+        text = body.decode("utf-8", "replace")
+        return Command(seq, verb, (Secret(text),) if text else ()), bool(rest), None
+    if not rest:  # "LIST" or "LIST ": servers read both as LIST without an argument
+        return Command(seq, verb), False, None
+    return _ARGUMENT_READERS.get(verb, _parse_arguments)(seq, verb, rest)
+
+
+def _parse_arguments(seq: int, verb: str, rest: bytes) -> _Parsed:
+    """The arguments of a verb that names no user: shown if they have their verb's form."""
+    shown = _SHOWN_ARGUMENTS.get(verb)
+    if shown is None:
+        return Command(seq, verb, (Secret(rest.decode("utf-8", "replace")),)), True, None
+    if shown.fullmatch(rest):  # one argument, of its form: the usual case
+        return Command(seq, verb, (rest.decode("ascii"),)), True, None
+    if _SHOWN_LISTS[verb].fullmatch(rest):  # several, all of their form ("TOP 1 10")
+        return Command(seq, verb, tuple(rest.decode("ascii").split(" "))), True, None
+    args = tuple(
+        word.decode("ascii") if not word or shown.fullmatch(word) else _hidden(word)
+        for word in rest.split(b" ")
+    )
+    return Command(seq, verb, args), True, None
+
+
+def _hidden(word: bytes) -> Secret:
+    return Secret(word.decode("utf-8", "replace"))
+
+
+def _parse_password(seq: int, verb: str, rest: bytes) -> _Parsed:
+    """PASS and RPOP: the rest of the line is one secret (it may contain SP, RFC 1939 s. 7)."""
+    return Command(seq, verb, (_hidden(rest),)), True, None
+
+
+def _parse_user(seq: int, verb: str, rest: bytes) -> _Parsed:
+    """``USER name`` (RFC 1939 section 7): exactly one name, nothing after it."""
+    user = _user_name(rest)
+    if user is None:
+        return Command(seq, verb), False, "malformed_user"
+    return Command(seq, verb, (user,)), True, None
+
+
+def _parse_apop(seq: int, verb: str, rest: bytes) -> _Parsed:
+    """``APOP name digest`` (RFC 1939 section 7): a name, one SP, the digest (secret)."""
+    name, _space, digest = rest.partition(b" ")
+    user = _user_name(name)
+    if user is None or not digest or b" " in digest:
+        return Command(seq, verb), False, "malformed_apop"
+    return Command(seq, verb, (user, _hidden(digest))), True, None
+
+
+def _parse_auth(seq: int, verb: str, rest: bytes) -> _Parsed:
+    """``AUTH mechanism [initial-response]`` (RFC 5034 section 4), read strictly.
+
+    The initial response must be base64 (or ``=``, empty): Dovecot skips white space inside
+    it, and a response read here as ``AGFs`` alone would name no user to check.
+    """
+    mechanism, space, initial = rest.partition(b" ")
+    if _SASL_MECHANISM.fullmatch(mechanism) is None or (
+        space and initial != _EMPTY_RESPONSE and not (initial and _BASE64.fullmatch(initial))
+    ):
+        return Command(seq, verb), False, "malformed_auth"
+    name = mechanism.decode("ascii")
+    args = (name, Secret(initial.decode("ascii"))) if space else (name,)
+    return Command(seq, verb, args), True, None
+
+
+#: The verbs whose arguments are read their own way (the others: ``_parse_arguments``).
+_ARGUMENT_READERS: Mapping[str, Callable[[int, str, bytes], _Parsed]] = {
+    "PASS": _parse_password,
+    "RPOP": _parse_password,
+    "USER": _parse_user,
+    "APOP": _parse_apop,
+    "AUTH": _parse_auth,
+}
+
+
+def _user_name(word: bytes) -> str | None:
+    """The user name USER or APOP carries: one word of printable UTF-8 (RFC 6856), or None.
+
+    ``str.isprintable`` is false for controls, format characters (U+200B, U+FEFF) and every
+    white space but SP (U+0085, U+00A0, U+2028...), which a server may strip or split at.
+    """
+    if not word or b" " in word:
+        return None
+    try:
+        name = word.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return name if name.isprintable() else None
 
 
 def _apop_timestamp(line: bytes) -> str | None:

@@ -155,10 +155,18 @@ class Command(Event):
 
 @dataclass(frozen=True, slots=True)
 class LocalReply(Event):
-    """The proxy answered ``command`` itself; it never reached the server (e.g. STLS)."""
+    """The proxy answered ``command`` itself; it never reached the server.
+
+    ``reason`` is a stable word for logs and metrics: ``local_verb`` (a verb the proxy always
+    answers, STLS by default), ``caller`` (or the caller's own word:
+    :meth:`~pop3proxy.pop3.Pop3Conversation.answer_locally`), or why the line was refused
+    (a key of :data:`~pop3proxy.pop3.conversation.REFUSALS`, e.g. ``control_character``).
+    A refused command has no arguments: what its line carried is neither trusted nor shown.
+    """
 
     command: Command
     status: Status
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -430,7 +430,6 @@ def test_auth_unknown_mechanism_refused(split: Split) -> None:
 @pytest.mark.parametrize(
     ("mechanism", "data"),
     [
-        pytest.param(b"PLAIN", b"not base64!", id="plain-bad-base64"),
         pytest.param(b"PLAIN", b64(b"only-one-part"), id="plain-no-nul"),
         pytest.param(b"LOGIN", b64(b"\xff\xfe"), id="login-not-utf8"),
         pytest.param(b"DIGEST-MD5", b64(b'username="alice"'), id="unknown-mechanism"),
@@ -448,25 +447,43 @@ def test_sasl_user_unreadable_is_none(split: Split, mechanism: bytes, data: byte
     ]
 
 
-def test_unrequested_sasl_line_keeps_queue_in_step(split: Split) -> None:
-    # A confused client pipelines NOOP after an AUTH with initial response; the server reads
-    # it as a command once AUTH is over. Its reply must not be taken for anything else.
+def test_a_line_pipelined_behind_auth_waits_for_the_servers_answer() -> None:
+    # A client pipelines NOOP behind an AUTH with initial response. The server reads it as a
+    # command once AUTH is over, or as SASL data if it asks for more: the engine holds it until
+    # the server's answer tells which, then reads it the same way.
     initial = b64(b"\0alice\0" + PASSWORD.encode())
-    transcript: Transcript = [
-        ("S", GREETING),
-        ("C", b"AUTH PLAIN " + initial + b"\r\nNOOP\r\n"),
-        ("S", b"+OK\r\n"),
-        ("S", b"+OK noop\r\n"),
-        ("C", b"STAT\r\n"),
-        ("S", b"+OK 0 0\r\n"),
-    ]
-    result = run_split(transcript, split)
-    completed = result.of_type(CommandCompleted)
-    assert [c.status for c in completed] == [ok(), ok("noop"), ok("0 0")]
-    assert completed[2].command.verb == "STAT"
-    assert result.of_type(UnsolicitedResponse) == []
-    assert result.conversation.pending == 0
-    assert_relayed_verbatim(result, transcript)
+    conversation = Pop3Conversation()
+    conversation.receive_server(GREETING)
+    events = conversation.receive_client(b"AUTH PLAIN " + initial + b"\r\nNOOP\r\n")
+    assert [type(e) for e in events] == [Command, SaslStarted, UserNamed]
+    assert conversation.take_upstream_bytes() == b"AUTH PLAIN " + initial + b"\r\n"
+    assert conversation.client_paused
+    conversation.receive_server(b"+OK\r\n")
+    assert not conversation.client_paused
+    events = conversation.receive_client(b"")
+    assert events == [Command(2, "NOOP")]
+    assert conversation.take_upstream_bytes() == b"NOOP\r\n"
+    events = conversation.receive_server(b"+OK noop\r\n")
+    assert events[-1] == CommandCompleted(Command(2, "NOOP"), ok("noop"), 10)
+    assert conversation.pending == 0
+
+
+def test_a_line_pipelined_behind_a_challenge_is_sasl_data_once_asked_for() -> None:
+    conversation = Pop3Conversation()
+    conversation.receive_server(GREETING)
+    data = b64(b"\0alice\0" + PASSWORD.encode())
+    conversation.receive_client(b"AUTH PLAIN\r\n" + data + b"\r\nSTAT\r\n")
+    assert conversation.take_upstream_bytes() == b"AUTH PLAIN\r\n"
+    assert conversation.client_paused
+    conversation.receive_server(b"+ \r\n")
+    events = conversation.receive_client(b"")
+    assert [type(e) for e in events] == [SaslResponse, UserNamed]
+    assert conversation.take_upstream_bytes() == data + b"\r\n"
+    assert conversation.client_paused  # STAT: the server has not answered the SASL line yet
+    conversation.receive_server(b"+OK logged in\r\n")
+    assert conversation.receive_client(b"") == [Command(2, "STAT")]
+    assert conversation.take_upstream_bytes() == b"STAT\r\n"
+    assert conversation.state is State.TRANSACTION
 
 
 # ---------------------------------------------------------------------------- LIST, UIDL
@@ -728,7 +745,7 @@ def test_stls_answered_locally_lock_step(split: Split) -> None:
     )
     assert result.events[1:4] == [
         stls,
-        LocalReply(stls, refusal),
+        LocalReply(stls, refusal, "local_verb"),
         CommandCompleted(stls, refusal, len(STLS_REFUSAL)),
     ]
     assert result.steps[1].to_client == STLS_REFUSAL
@@ -780,7 +797,9 @@ def test_custom_local_reply() -> None:
     assert result.upstream == b""
     assert result.downstream == GREETING + reply
     assert result.of_type(LocalReply) == [
-        LocalReply(Command(1, "XCLIENT", ("a=b",)), err("not here", "SYS/PERM"))
+        LocalReply(
+            Command(1, "XCLIENT", (Secret("a=b"),)), err("not here", "SYS/PERM"), "local_verb"
+        )
     ]
 
 
@@ -830,22 +849,28 @@ def test_unknown_verb_is_single_line(split: Split) -> None:
 @pytest.mark.parametrize(
     ("line", "command"),
     [
-        pytest.param(b"LIST\t2\r\n", Command(1, "LIST", ("2",)), id="tab"),
-        pytest.param(b"DELE\xc2\xa01\r\n", Command(1, "DELE", ("1",)), id="no-break-space"),
-        pytest.param(b"NOOP\x1cx\r\n", Command(1, "NOOP", ("x",)), id="file-separator"),
         pytest.param(
-            b"PASS\xe2\x80\x83 two  spaces\r\n",
-            Command(1, "PASS", (Secret(" two  spaces"),)),
-            id="em-space-then-password",
+            b"DELE 1\xc2\xa0\r\n", Command(1, "DELE", (Secret("1\xa0"),)), id="no-break-space"
         ),
         pytest.param(
-            b"\tUSER alice\r\n", Command(1, "UNKNOWN", (Secret("\tUSER alice"),)), id="leading-tab"
+            b"PASS  two  spaces \r\n",
+            Command(1, "PASS", (Secret(" two  spaces "),)),
+            id="pass-rest",
         ),
+        pytest.param(b"LIST  1\r\n", Command(1, "LIST", ("", "1")), id="two-spaces"),
+        pytest.param(b"LIST 1 \r\n", Command(1, "LIST", ("1", "")), id="trailing-space"),
+        pytest.param(b"TOP 1 10\r\n", Command(1, "TOP", ("1", "10")), id="top"),
+        pytest.param(
+            b"RETR \xd9\xa1\r\n", Command(1, "RETR", (Secret("\u0661"),)), id="arabic-digit"
+        ),
+        pytest.param(b"uSeR alice\r\n", Command(1, "USER", ("alice",)), id="mixed-case-verb"),
     ],
 )
-def test_verb_ends_at_first_white_space_of_any_kind(
+def test_words_are_split_at_each_space_and_nowhere_else(
     split: Split, line: bytes, command: Command
 ) -> None:
+    # RFC 1939 section 3: a single SP separates words. Splitting at other white space (TAB,
+    # U+00A0, U+2003: what str.split() does) would read a line other than the upstream does.
     transcript: Transcript = [("S", GREETING), ("C", line), ("S", b"-ERR no\r\n")]
     result = run_split(transcript, split)
     assert result.events[1] == command
@@ -1068,7 +1093,7 @@ def test_answer_locally_keeps_reply_order() -> None:
     assert events == [
         Response(noop, ok(), multiline=False),
         CommandCompleted(noop, ok(), 5),
-        LocalReply(user, status),
+        LocalReply(user, status, "caller"),
         CommandCompleted(user, status, len(reply)),
     ]
     assert conversation.take_client_bytes() == b"+OK\r\n" + reply
@@ -1083,8 +1108,11 @@ def test_answer_locally_at_head_answers_now() -> None:
     conversation.take_client_bytes()
     command, _named = conversation.receive_client(b"USER alice\r\n")
     assert isinstance(command, Command)
-    events = conversation.answer_locally(command, b"-ERR no\r\n")
-    assert events == [LocalReply(command, err("no")), CommandCompleted(command, err("no"), 9)]
+    events = conversation.answer_locally(command, b"-ERR no\r\n", reason="user_network")
+    assert events == [
+        LocalReply(command, err("no"), "user_network"),
+        CommandCompleted(command, err("no"), 9),
+    ]
     assert conversation.take_client_bytes() == b"-ERR no\r\n"
     assert conversation.take_upstream_bytes() == b""
 
@@ -1217,7 +1245,7 @@ def test_each_line_limit_applies_to_its_lines(
 
 
 def test_sasl_continuation_line_limit() -> None:
-    ok_line = b"A" * (MAX_SASL_LINE - 2) + b"\r\n"
+    ok_line = b"A" * (MAX_SASL_LINE - 4) + b"\r\n"  # base64 comes in groups of four
     transcript: Transcript = [
         ("S", GREETING),
         ("C", b"AUTH PLAIN\r\n"),
@@ -1226,7 +1254,7 @@ def test_sasl_continuation_line_limit() -> None:
         ("S", b"-ERR [AUTH] bad\r\n"),
         ("C", b"AUTH PLAIN\r\n"),
         ("S", b"+ \r\n"),
-        ("C", b"A" + ok_line),
+        ("C", b"AAAA" + ok_line),
     ]
     result = run(transcript)
     assert result.error is not None
@@ -1280,22 +1308,6 @@ def test_body_lines_have_no_limit() -> None:
     assert_relayed_verbatim(result, transcript)
 
 
-@pytest.mark.parametrize(
-    "line",
-    [
-        pytest.param(b"PASS\t" + PASSWORD.encode() + b"\r\n", id="pass"),
-        pytest.param(b"AUTH\tPLAIN " + b64(b"\0alice\0" + PASSWORD.encode()) + b"\r\n", id="auth"),
-    ],
-)
-def test_tab_separated_credential_stays_secret(line: bytes) -> None:
-    # RFC 1939 separates with a single SP, but a server that splits on any whitespace
-    # would take this line as a login: the credential must not reach a loggable field.
-    result = run([("S", GREETING), ("C", line)])
-    shown = " ".join(repr(e) for e in result.events).upper()
-    assert PASSWORD.upper() not in shown
-    assert b64(b"\0alice\0" + PASSWORD.encode()).decode().upper() not in shown
-
-
 # ---------------------------------------------------------------------------- pipelined QUIT
 
 
@@ -1320,7 +1332,7 @@ def test_pipelined_quit_waits_for_the_replies_before_it() -> None:
 
 
 @pytest.mark.parametrize(
-    "line", [b"QUIT\r\n", b"QUIT\n", b"QUIT now\r\n", b"QUIT\tnow\r\n", b"Quit\r\n"]
+    "line", [b"QUIT\r\n", b"QUIT\n", b"QUIT now\r\n", b"QUIT \r\n", b"Quit\r\n"]
 )
 def test_quit_with_nothing_pending_goes_at_once(line: bytes) -> None:
     conversation = Pop3Conversation()

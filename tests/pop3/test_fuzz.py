@@ -2,8 +2,10 @@
 
 Whatever arrives, the engine may only raise :class:`RemoteProtocolError` (and refuse further
 input with :class:`LocalProtocolError` afterwards); what it forwards is always a faithful copy
-of what it received; and no credential ever shows in an event. ``POP3PROXY_FUZZ_EXAMPLES``
-raises the example count for a longer local run.
+of what it received, whole lines only, none with a control octet; and no credential ever
+shows in an event. ``POP3PROXY_FUZZ_EXAMPLES`` raises the example count for a longer local
+run. No example database is used (the ``ci`` profile in ``tests/conftest.py``): each run
+explores afresh, and a failure prints its reproduction blob.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pop3proxy.pop3 import (
+    REFUSALS,
     STLS_REFUSAL,
+    Command,
     Event,
     LocalProtocolError,
+    LocalReply,
     Pop3Conversation,
     RemoteProtocolError,
+    SaslResponse,
 )
 from tests.pop3.helpers import Side, Step, merge_body_chunks
 
@@ -152,22 +158,62 @@ EXCHANGES: list[tuple[bytes, bytes]] = [
 ]
 
 
+#: What the scripted server answers to each line it receives (one of them, drawn).
+REPLIES: dict[bytes, list[bytes]] = {}
+for _command, _reply in EXCHANGES:
+    if _reply:  # STLS: answered by the proxy, never received by the server
+        REPLIES.setdefault(_command, []).append(_reply)
+#: Its answers to any other line (a garbage line, or a line the server reads as SASL data).
+OTHER_REPLIES = [b"-ERR unknown command\r\n", b"+OK\r\n", b"-ERR\r\n"]
+COMMANDS = [*sorted(REPLIES), b"STLS\r\n"]
+#: A command, or one time in ten a garbage line.
+_session_line = st.integers(0, 9).flatmap(
+    lambda n: _garbage_line() if n == 0 else st.sampled_from(COMMANDS)
+)
+
+
 @st.composite
 def sessions(draw: st.DrawFn) -> list[Step]:
-    """A greeting, then lock-step or pipelined exchanges, now and then a garbage line."""
-    steps: list[Step] = [("S", draw(st.sampled_from([SERVER_LINES[0], b"+OK ready\r\n"])))]
+    """A greeting, then pipelined commands (now and then a garbage line) and a causal server.
+
+    The server answers only lines it has received, in the order they arrived: the lines the
+    engine forwarded, found by feeding it the script as it is written. So it never answers a
+    QUIT or a SASL line that the engine still holds, nor a line the engine answered itself
+    (STLS, a refused line). It answers some of the lines it has now and the rest later; once
+    its answers release held lines, it answers those in later steps.
+    """
+    greeting = draw(st.sampled_from([SERVER_LINES[0], b"+OK ready\r\n"]))
+    feeder = Feeder(Pop3Conversation())
+    steps: list[Step] = []
+    received: list[bytes] = []  # by the server, not answered yet
+
+    def send(side: Side, data: bytes) -> bool:
+        steps.append((side, data))
+        forwarded = feeder.step(side, data)
+        received.extend(lines_of(forwarded))
+        return feeder.error is None
+
+    if not send("S", greeting):
+        return steps
     for _ in range(draw(st.integers(0, 12))):
-        pipelined = draw(st.lists(st.sampled_from(EXCHANGES), min_size=1, max_size=3))
-        steps.append(("C", b"".join(command for command, _ in pipelined)))
-        steps.append(("S", b"".join(reply for _, reply in pipelined)))
-        if draw(st.integers(0, 19)) == 0:
-            steps.append((draw(st.sampled_from(["C", "S"])), draw(_garbage_line())))
+        if not send("C", b"".join(draw(st.lists(_session_line, min_size=1, max_size=3)))):
+            return steps
+        for _ in range(16):  # bounded: each step answers at least one line
+            if not received:
+                break
+            count = draw(st.integers(1, len(received)))
+            answer = b"".join(
+                draw(st.sampled_from(REPLIES.get(line, OTHER_REPLIES))) for line in received[:count]
+            )
+            del received[:count]
+            if not send("S", answer):
+                return steps
     return steps
 
 
 @dataclass
-class Fed:
-    """What feeding a conversation showed."""
+class Feeder:
+    """Feeds a conversation step by step, as a relay does, and records what it showed."""
 
     conversation: Pop3Conversation
     events: list[Event] = field(default_factory=list)
@@ -177,33 +223,38 @@ class Fed:
     downstream: bytes = b""
     error: RemoteProtocolError | None = None
 
-
-def feed(steps: Sequence[Step], conversation: Pop3Conversation | None = None) -> Fed:
-    """Feed the steps; only a RemoteProtocolError may stop it (anything else fails the test)."""
-    fed = Fed(conversation or Pop3Conversation())
-    for side, data in steps:
-        receive = (
-            fed.conversation.receive_client if side == "C" else fed.conversation.receive_server
-        )
+    def step(self, side: Side, data: bytes) -> bytes:
+        """Feed one read; return the octets it made the engine forward upstream."""
+        conversation = self.conversation
         if side == "C":
-            fed.client_in += data
+            self.client_in += data
         else:
-            fed.server_in += data
+            self.server_in += data
+        receive = conversation.receive_client if side == "C" else conversation.receive_server
         try:
-            fed.events += receive(data)
+            self.events += receive(data)
             # As a relay does: client lines held back are fed once replies have made room.
-            while fed.conversation.client_backlog and not fed.conversation.client_paused:
-                fed.events += fed.conversation.receive_client(b"")
+            while conversation.client_backlog and not conversation.client_paused:
+                self.events += conversation.receive_client(b"")
         except RemoteProtocolError as exc:
-            fed.error = exc
-        fed.upstream += fed.conversation.take_upstream_bytes()
-        fed.downstream += fed.conversation.take_client_bytes()
+            self.error = exc
+        forwarded = conversation.take_upstream_bytes()
+        self.upstream += forwarded
+        self.downstream += conversation.take_client_bytes()
+        return forwarded
+
+
+def feed(steps: Sequence[Step], conversation: Pop3Conversation | None = None) -> Feeder:
+    """Feed the steps; only a RemoteProtocolError may stop it (anything else fails the test)."""
+    fed = Feeder(conversation or Pop3Conversation())
+    for side, data in steps:
+        fed.step(side, data)
         if fed.error is not None:
             break
     return fed
 
 
-def assert_broken_after_error(fed: Fed) -> None:
+def assert_broken_after_error(fed: Feeder) -> None:
     """After a RemoteProtocolError the engine refuses input from both sides."""
     error = fed.error
     if error is None:
@@ -217,6 +268,13 @@ def assert_broken_after_error(fed: Fed) -> None:
         fed.conversation.receive_server(b"+OK\r\n")
 
 
+def lines_of(data: bytes) -> list[bytes]:
+    """The lines of ``data`` as POP3 cuts them: at LF only (``bytes.splitlines`` cuts at CR too)."""
+    lines = [line + b"\n" for line in data.split(b"\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
+
+
 def is_subsequence(small: bytes, big: bytes) -> bool:
     it = iter(big)
     return all(byte in it for byte in small)
@@ -226,6 +284,29 @@ def assert_no_credential(events: Sequence[Event], conversation: Pop3Conversation
     shown = "".join(repr(e) + str(e) for e in events) + repr(conversation.user)
     for credential in CREDENTIALS:
         assert credential.decode() not in shown
+
+
+def assert_whole_clean_lines(fed: Feeder) -> None:
+    """Upstream gets whole client lines, in order, none with a control octet before its end.
+
+    A line is forwarded exactly as received or not at all (RFC 1939 section 3: nothing the
+    upstream could read differently, see ``REFUSALS``).
+    """
+    client_lines = lines_of(fed.client_in)
+    forwarded = lines_of(fed.upstream)
+    it = iter(client_lines)
+    assert all(line in it for line in forwarded), "a forwarded line is not a client line"
+    for line in forwarded:
+        assert line.endswith(b"\n")
+        body = line.removesuffix(b"\n").removesuffix(b"\r")
+        assert not any(octet < 0x20 or octet == 0x7F for octet in body), line
+
+
+def without_local_replies(downstream: bytes) -> bytes:
+    """What the client got, without the lines the proxy itself answered."""
+    for reply in (STLS_REFUSAL, *REFUSALS.values()):
+        downstream = downstream.replace(reply, b"")
+    return downstream
 
 
 # ---------------------------------------------------------------------------- raw bytes
@@ -239,6 +320,7 @@ def test_any_client_bytes(data: bytes) -> None:
         fed = feed([*before, ("C", data)])
         assert_broken_after_error(fed)
         assert is_subsequence(fed.upstream, data)
+        assert_whole_clean_lines(fed)
 
 
 @FUZZ
@@ -256,7 +338,8 @@ def test_any_bytes_both_sides(client: bytes, server: bytes, client_first: bool) 
     fed = feed(steps if client_first else steps[::-1])
     assert_broken_after_error(fed)
     assert is_subsequence(fed.upstream, fed.client_in)
-    assert is_subsequence(fed.downstream.replace(STLS_REFUSAL, b""), fed.server_in)
+    assert_whole_clean_lines(fed)
+    assert is_subsequence(without_local_replies(fed.downstream), fed.server_in)
 
 
 # ---------------------------------------------------------------------------- plausible POP3
@@ -267,35 +350,46 @@ def test_any_bytes_both_sides(client: bytes, server: bytes, client_first: bool) 
 def test_plausible_conversations_default_rewrites(steps: list[Step]) -> None:
     fed = feed(steps)
     assert_broken_after_error(fed)
-    # Only whole STLS lines go missing upstream; STLS refusals are the only octets added.
+    # Only whole lines answered here go missing upstream (STLS, refused lines); their replies
+    # are the only octets added.
     assert is_subsequence(fed.upstream, fed.client_in)
-    assert is_subsequence(fed.downstream.replace(STLS_REFUSAL, b""), fed.server_in)
+    assert_whole_clean_lines(fed)
+    assert is_subsequence(without_local_replies(fed.downstream), fed.server_in)
     assert_no_credential(fed.events, fed.conversation)
 
 
 @FUZZ
 @given(st.one_of(conversations, sessions()))
 def test_plausible_conversations_verbatim(steps: list[Step]) -> None:
-    # Without rewrites the engine is a pure relay of complete lines (and body octets).
+    # Without rewrites the engine relays complete lines (and body octets) unchanged, except the
+    # lines it refuses, which it answers itself with one of REFUSALS.
     fed = feed(steps, Pop3Conversation(hidden_capabilities=frozenset(), local_replies={}))
     assert_broken_after_error(fed)
-    assert fed.client_in.startswith(fed.upstream)
-    assert fed.server_in.startswith(fed.downstream)
+    assert_whole_clean_lines(fed)
+    assert fed.server_in.startswith(without_local_replies(fed.downstream))
+    refused = [e for e in fed.events if isinstance(e, LocalReply)]
+    assert all(e.reason in REFUSALS and not e.command.args for e in refused)
     if fed.error is None:
-        # Everything up to the last complete client line went upstream, nothing more; but a
-        # pipelined QUIT waits for the replies before it, and what follows waits behind it.
-        complete = fed.client_in[: fed.client_in.rfind(b"\n") + 1]
-        held = complete[len(fed.upstream) :]
-        assert complete.startswith(fed.upstream)
-        assert not held or (held[:4].upper() == b"QUIT" and fed.conversation.pending)
+        # Every complete client line was read (as a command or SASL data), except a tail that
+        # waits for replies (a pipelined QUIT, an AUTH exchange, the pipelining bound); each
+        # line read went upstream unless it was refused.
+        complete = lines_of(fed.client_in[: fed.client_in.rfind(b"\n") + 1])
+        read = sum(isinstance(e, Command | SaslResponse) for e in fed.events)
+        assert read <= len(complete)
+        if read < len(complete):
+            assert fed.conversation.client_paused
+        assert len(lines_of(fed.upstream)) + len(refused) <= read
         # What the server sent and was not forwarded can only be an unfinished line.
-        assert b"\n" not in fed.server_in[len(fed.downstream) :]
+        assert b"\n" not in fed.server_in[len(without_local_replies(fed.downstream)) :]
     assert_no_credential(fed.events, fed.conversation)
 
 
 @FUZZ
-@given(st.one_of(conversations, sessions()), st.data())
+@given(sessions(), st.data())
 def test_chunking_does_not_matter(steps: list[Step], data: st.DataObject) -> None:
+    # Only with a causal server: one that answers a line it has not received yet (as
+    # ``conversations`` may script) makes the engine's reading depend on when the answer
+    # arrives relative to the release of a held line, as it would with a real such server.
     whole = feed(steps)
     if whole.error is not None:
         return

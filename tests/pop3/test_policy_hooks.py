@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from pop3proxy.pop3 import Command, Pop3Conversation, UserNamed
+from pop3proxy.pop3 import Command, Pop3Conversation, RemoteProtocolError, UserNamed
 
 GREETING = b"+OK POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"
 
@@ -126,3 +126,26 @@ def test_in_body_while_a_multiline_reply_streams() -> None:
     conversation.receive_client(b"RETR 9\r\n")
     conversation.receive_server(b"-ERR no such message\r\n")
     assert not conversation.in_body
+
+
+@pytest.mark.parametrize(
+    "waiting",
+    [
+        pytest.param((b"NOOP\r\n", {"max_pipelined": 1}), id="full-pipeline"),
+        pytest.param((b"AUTH PLAIN\r\n", {}), id="auth-not-answered"),
+    ],
+)
+def test_a_waiting_client_is_still_held_to_the_line_limit(
+    waiting: tuple[bytes, dict[str, int]],
+) -> None:
+    """While lines wait for replies the relay keeps reading a client that has sent no LF yet:
+    the unfinished line must meet its limit then too, or it grows without bound."""
+    first, options = waiting
+    conversation = greeted(max_command_line=64, max_sasl_line=64, **options)
+    conversation.receive_client(first)
+    for _ in range(3):  # 48 octets: under the limit, and no line yet
+        assert conversation.receive_client(b"x" * 16) == []
+    assert not conversation.client_backlog  # the relay reads on
+    with pytest.raises(RemoteProtocolError) as raised:
+        conversation.receive_client(b"x" * 17)
+    assert "64" in raised.value.reason
