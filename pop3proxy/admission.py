@@ -35,6 +35,12 @@ REFUSE_CLIENT_FAILURES = (
     b"-ERR [SYS/TEMP] too many failed logins from your address, try again later\r\n"
 )
 REFUSE_USER_NETWORK = b"-ERR [AUTH] this user may not log in from your network\r\n"
+#: A policy bound to user names cannot tell whose credential this is (GSSAPI, NTLM, a PLAIN
+#: login acting for another user...): fail closed, and say what works.
+REFUSE_USER_UNKNOWN = (
+    b"-ERR [AUTH] this login method does not show the user name, which this proxy must "
+    b"check: use USER/PASS, AUTH PLAIN or AUTH LOGIN\r\n"
+)
 
 #: Failed logins of an address (within the window) that cost no delay: a typo is free.
 FREE_FAILURES = 2
@@ -95,21 +101,29 @@ class Gatekeeper:
     def check_login(
         self,
         client: IPAddress,
-        user: str,
+        user: str | None,
         *,
         session_failures: int,
         monotonic: float,
         now: dt.datetime,
     ) -> Verdict:
-        """Decide on a login attempt, before the credential is sent upstream."""
+        """Decide on a login attempt, before the credential is sent upstream.
+
+        ``user`` None: the engine cannot read whose credential it is. The login budgets still
+        apply, and a binding of user names to networks refuses it (fail closed).
+        """
         settings = self.settings
         if session_failures >= settings.max_login_failures:
             return Verdict("deny", reason="session_login_failures", reply=REFUSE_SESSION_FAILURES)
         if self.recent_failures(client, monotonic) >= settings.client_login_failures:
             return Verdict("deny", reason="client_login_failures", reply=REFUSE_CLIENT_FAILURES)
-        bound = [nets for glob, nets in settings.user_networks if _matches(user, glob)]
-        if bound and not any(client in net for nets in bound for net in nets):
-            return Verdict("deny", reason="user_network", reply=REFUSE_USER_NETWORK)
+        if user is None:
+            if settings.user_networks:
+                return Verdict("deny", reason="user_unknown", reply=REFUSE_USER_UNKNOWN)
+        else:
+            bound = [nets for glob, nets in settings.user_networks if _matches(user, glob)]
+            if bound and not any(client in net for nets in bound for net in nets):
+                return Verdict("deny", reason="user_network", reply=REFUSE_USER_NETWORK)
         if not self.policies:
             return ALLOW
         return combine([policy.on_login(client, user, now) for policy in self.policies])

@@ -66,7 +66,9 @@ class Policy(Protocol):
 
     def on_connect(self, client: IPAddress, now: dt.datetime) -> Verdict: ...
 
-    def on_login(self, client: IPAddress, user: str, now: dt.datetime) -> Verdict: ...
+    def on_login(self, client: IPAddress, user: str | None, now: dt.datetime) -> Verdict:
+        """``user`` None: a credential leaves for a user the engine cannot read."""
+        ...
 
 
 def combine(verdicts: Sequence[Verdict]) -> Verdict:

@@ -798,6 +798,8 @@ class _Relay:
             return
         refusal, reason = verdict.reply or b"", verdict.reason
         self._observe(self.conversation.answer_locally(event.command, refusal, reason=reason))
+        # The session ends with this refusal: a credential pipelined behind it stays here.
+        self.conversation.forward_nothing_after(event.command)
         self.end_after_flush = f"login_refused_{verdict.reason}"
 
     def _on_login_failed(self, event: LoginFailed) -> None:

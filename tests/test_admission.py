@@ -130,7 +130,7 @@ class _Phase:
             return Verdict("deny", reason="phase", reply=b"-ERR [SYS/PERM] use 995\r\n")
         return Verdict("allow")
 
-    def on_login(self, client: IPAddress, user: str, now: dt.datetime) -> Verdict:
+    def on_login(self, client: IPAddress, user: str | None, now: dt.datetime) -> Verdict:
         return (
             Verdict("warn", reason="phase", notice="migrate") if user == "old" else Verdict("allow")
         )
@@ -144,3 +144,20 @@ def test_policies_run_after_the_built_in_checks() -> None:
     assert (warn.action, warn.notice) == ("warn", "migrate")
     gate.reconfigure(dataclasses.replace(gate.settings), [])
     assert gate.admit(ip("10.0.0.66"), NOW).action == "allow"
+
+
+def test_a_login_whose_user_cannot_be_read_fails_closed_under_user_bindings() -> None:
+    free = Gatekeeper(settings())
+    bound = Gatekeeper(settings(user_networks=["scan*=10.9.0.0/16"]))
+
+    def check(gate: Gatekeeper) -> Verdict:
+        return gate.check_login(ip("10.9.1.1"), None, session_failures=0, monotonic=0.0, now=NOW)
+
+    assert check(free).action == "allow"
+    refused = check(bound)
+    assert (refused.action, refused.reason) == ("deny", "user_unknown")
+    assert refused.reply is not None
+    assert refused.reply.startswith(b"-ERR [AUTH] ")
+    # The budgets still apply to an unreadable name.
+    exhausted = free.check_login(ip("10.9.1.1"), None, session_failures=3, monotonic=0.0, now=NOW)
+    assert exhausted.reason == "session_login_failures"

@@ -91,6 +91,8 @@ SHAPES = [
     Shape("user-behind-empty-initial-response",
           lambda u, p: [b"AUTH PLAIN =\r\n", b"USER " + u + b"\r\n", b"PASS " + p + b"\r\n"],
           None, pipelined=True),
+    Shape("user-and-pass-in-one-write",
+          lambda u, p: [b"USER " + u + b"\r\n", b"PASS " + p + b"\r\n"], None, pipelined=True),
 ]  # fmt: skip
 REFUSED = [shape for shape in SHAPES if shape.refusal is not None]
 
@@ -271,6 +273,7 @@ def test_a_network_binding_cannot_be_bypassed(
         verdicts = [(e["action"], e["reason"]) for e in of(events, "policy.verdict")]
         assert verdicts == [("deny", "user_network")]
         assert any(r.startswith(b"-ERR [AUTH] ") for r in client.replies)
+        assert_nothing_forwarded_from_the_refused_user_on(shape, user, password, events)
     # From its own network the same user logs in, with every shape that passes the proxy.
     if shape.refusal is None:
         logged_in, _client, _events = run_attempt(bound, shape, user, password, "127.0.0.3")
@@ -290,3 +293,55 @@ def test_a_user_deny_rule_cannot_be_bypassed(
         verdicts = [(e["action"], e["rule"]) for e in of(events, "policy.verdict")]
         assert verdicts == [("deny", "no-ruled")]
         assert any(r.startswith(b"-ERR [SYS/PERM] ") for r in client.replies)
+        assert_nothing_forwarded_from_the_refused_user_on(shape, user, password, events)
+
+
+def assert_nothing_forwarded_from_the_refused_user_on(
+    shape: Shape, user: bytes, password: bytes, events: list[dict[str, Any]]
+) -> None:
+    """Only the lines before the refused USER reached Dovecot: not the USER, and not the PASS
+    pipelined behind it (it did, in the same read, before)."""
+    lines = shape.lines(user, password)
+    refused = next(i for i, line in enumerate(lines) if line.startswith(b"USER "))
+    [closed] = of(events, "session.closed")
+    assert closed["bytes_to_upstream"] == len(b"".join(lines[:refused]))
+
+
+# ------------------------------------------------------ logins whose user cannot be read
+
+
+def _gs2(user: bytes) -> bytes:
+    return b64(b"n,a=admin,n=" + user + b",r=0123456789abcdef")
+
+
+#: First SASL messages that carry a credential for a user the proxy cannot tell for sure:
+#: a mechanism it cannot read (GSSAPI, NTLM), a login acting for another identity (PLAIN or
+#: SCRAM with an authzid). A binding of user names, or a user deny rule, must refuse them.
+UNREADABLE = [
+    pytest.param(lambda u, p: b"AUTH GSSAPI " + b64(b"\x60\x82\x01\x00" + u) + b"\r\n",
+                 id="gssapi"),
+    pytest.param(lambda u, p: b"AUTH NTLM " + b64(b"NTLMSSP\0\x03" + u) + b"\r\n", id="ntlm"),
+    pytest.param(lambda u, p: b"AUTH PLAIN " + b64(b"admin\0" + u + b"\0" + p) + b"\r\n",
+                 id="plain-authzid"),
+    pytest.param(lambda u, p: b"AUTH SCRAM-SHA-256 " + _gs2(u) + b"\r\n", id="scram-authzid"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("first", UNREADABLE)
+@pytest.mark.parametrize("policy", ["bound", "ruled"])
+def test_a_login_whose_user_cannot_be_read_is_refused_where_user_policies_apply(
+    first: Callable[[bytes, bytes], bytes],
+    policy: str,
+    request: pytest.FixtureRequest,
+    dovecot: Dovecot,
+) -> None:
+    proxy: ProxyProcess = request.getfixturevalue(policy)
+    user, password = new_user(dovecot, f"{policy}-")
+    shape = Shape("unreadable", lambda u, p: [first(u, p)], None)
+    logged_in, client, events = run_attempt(proxy, shape, user, password, source="127.0.0.2")
+    assert_nobody_logged_in(logged_in, events)
+    verdicts = [(e["action"], e["reason"]) for e in of(events, "policy.verdict")]
+    assert verdicts == [("deny", "user_unknown")]
+    assert any(b"does not show the user name" in reply for reply in client.replies)
+    [closed] = of(events, "session.closed")
+    assert closed["bytes_to_upstream"] == 0  # the credential never left

@@ -291,3 +291,37 @@ def test_pseudonym_key_from_file_or_value(tmp_path: Path) -> None:
     key_file.write_bytes(b"tiny")
     with pytest.raises(ValueError, match="fewer than 16"):
         parse_pseudonym_key_file(str(key_file))
+
+
+def test_an_unreadable_user_name_fails_closed_only_where_a_deny_rule_needs_it() -> None:
+    rules = toml_rules(
+        """
+        [[rules]]
+        name = "ceo warned"
+        users = ["ceo@*"]
+        phase = "warn"
+        [[rules]]
+        name = "scanners off"
+        networks = ["10.0.0.0/8"]
+        users = ["scan-*"]
+        phase = "deny"
+        [[rules]]
+        name = "rest warned"
+        phase = "warn"
+        """
+    )
+    refused = rules.on_login(A, None, AFTER)
+    assert (refused.action, refused.reason, refused.rule) == (
+        "deny",
+        "user_unknown",
+        "scanners off",
+    )
+    assert refused.reply is not None
+    assert b"does not show the user name" in refused.reply
+    # Outside the deny rule's networks, rules that need the name are passed over.
+    assert (rules.on_login(B, None, AFTER).rule, rules.on_login(B, None, AFTER).action) == (
+        "rest warned",
+        "warn",
+    )
+    dry = RuleSet(rules.rules, dry_run=True).on_login(A, None, AFTER)
+    assert (dry.action, dry.dry_run, dry.reason) == ("warn", True, "user_unknown")

@@ -29,6 +29,7 @@ is immutable: a reload (SIGHUP) builds a new one with :meth:`RuleSet.from_settin
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import difflib
 import fnmatch
@@ -58,6 +59,11 @@ PHASES: Final[tuple[Phase, ...]] = ("allow", "warn", "deny")
 
 DEFAULT_DENY_MESSAGE: Final = (
     "Plaintext POP3 is switched off: set your mail program to port 995 with SSL/TLS (POP3S)"
+)
+#: The reply to a login a deny rule might cover but whose user name cannot be read.
+REFUSE_USER_UNKNOWN: Final = (
+    b"-ERR [SYS/PERM] this login method does not show the user name, which the plaintext "
+    b"rules must check: use USER/PASS, AUTH PLAIN or AUTH LOGIN\r\n"
 )
 #: Text limits keep the reply within RFC 1939's 512 octets and the greeting readable.
 MAX_MESSAGE: Final = 300
@@ -179,12 +185,32 @@ class RuleSet:
             return verdict
         return ALLOW
 
-    def on_login(self, client: IPAddress, user: str, now: dt.datetime) -> Verdict:
-        """Decide with the user name (the first rule in force matching both decides)."""
+    def on_login(self, client: IPAddress, user: str | None, now: dt.datetime) -> Verdict:
+        """Decide with the user name (the first rule in force matching both decides).
+
+        ``user`` None (the engine cannot read it): a ``deny`` rule whose user condition
+        cannot be tested refuses the login (fail closed); any other rule with a user
+        condition is passed over.
+        """
         for rule, verdict in zip(self._rules, self._verdicts, strict=True):
-            if rule.in_force(now) and rule.matches_client(client) and rule.matches_user(user):
+            if not rule.in_force(now) or not rule.matches_client(client):
+                continue
+            if user is None and rule.users:
+                if verdict.action == "deny" or verdict.dry_run:
+                    return self._unknown_user_verdict(verdict)
+                continue
+            if user is None or rule.matches_user(user):
                 return verdict
         return ALLOW
+
+    @staticmethod
+    def _unknown_user_verdict(verdict: Verdict) -> Verdict:
+        """``verdict`` of a rule that may apply to a user whose name cannot be read."""
+        return dataclasses.replace(
+            verdict,
+            reason="user_unknown",
+            reply=None if verdict.reply is None else REFUSE_USER_UNKNOWN,
+        )
 
     # -- for the report -----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pop3proxy.pop3.conversation import (
     SASL_REFUSAL,
     STLS_REFUSAL,
     UNKNOWN_VERB,
+    XCLIENT_REFUSAL,
     Pop3Conversation,
     parse_status,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "SASL_REFUSAL",
     "STLS_REFUSAL",
     "UNKNOWN_VERB",
+    "XCLIENT_REFUSAL",
     "BodyChunk",
     "BodyEnd",
     "CapabilityLine",

@@ -11,8 +11,9 @@ except where this module rewrites on purpose:
 
 * ``CAPA`` lines named in ``hidden_capabilities`` (``STLS``: the client side is plaintext by
   design) are dropped;
-* commands named in ``local_replies`` (``STLS``) never reach the server; the conversation
-  answers them itself, in their place in the reply order, so pipelining stays intact;
+* commands named in ``local_replies`` (``STLS``, ``XCLIENT``) never reach the server; the
+  conversation answers them itself, in their place in the reply order, so pipelining stays
+  intact;
 * command lines that the server might read differently from the proxy (a NUL, a bare CR,
   a TAB, a user name with spaces...) are answered the same way, with ``-ERR [SYS/PERM]``
   (see "Command lines" below and :data:`REFUSALS`).
@@ -81,6 +82,7 @@ __all__ = [
     "SASL_REFUSAL",
     "STLS_REFUSAL",
     "UNKNOWN_VERB",
+    "XCLIENT_REFUSAL",
     "Pop3Conversation",
     "parse_status",
 ]
@@ -99,6 +101,13 @@ STLS_REFUSAL = (
     b"-ERR STLS is not available on this plaintext port: pop3proxy already relays the session "
     b"to the server over TLS (fetchmail: set sslproto '')\r\n"
 )
+
+#: What a client that sends XCLIENT gets. XCLIENT (Dovecot, Postfix) tells a server the
+#: client's real address; a server that trusts the proxy's address would believe a client's
+#: own XCLIENT line and log, rate-limit and authorize it as whichever address it claims.
+XCLIENT_REFUSAL = b"-ERR [SYS/PERM] XCLIENT is not accepted from clients of this proxy\r\n"
+#: The verbs answered here by default, never forwarded.
+DEFAULT_LOCAL_REPLIES: Mapping[str, bytes] = {"STLS": STLS_REFUSAL, "XCLIENT": XCLIENT_REFUSAL}
 
 _TERMINATOR = b"\r\n.\r\n"
 _APOP_TIMESTAMP = re.compile(rb"<[^<>\s]+>")
@@ -272,7 +281,12 @@ def _is_sasl_challenge(line: bytes) -> bool:
 
 def _plain_user(raw: bytes) -> bytes | None:
     parts = raw.split(b"\0")  # authzid NUL authcid NUL passwd (RFC 4616 section 2)
-    return parts[1] if len(parts) == 3 else None
+    if len(parts) != 3:
+        return None
+    authzid, authcid, _password = parts
+    # A login that acts for another identity (a master user) opens authzid's mailbox with
+    # authcid's credentials: neither name alone says who logs in, so report none.
+    return authcid if not authzid or authzid == authcid else None
 
 
 def _cram_md5_user(raw: bytes) -> bytes | None:
@@ -285,12 +299,42 @@ def _xoauth2_user(raw: bytes) -> bytes | None:
     return first[5:] if first.startswith(b"user=") else None
 
 
-#: How to read the user name from the first client SASL message of each mechanism.
+def _gs2_attribute(raw: bytes, name: bytes) -> bytes | None:
+    """An attribute of a GS2-style first message, ``gs2-header`` then ``,``-separated pairs.
+
+    SCRAM's client-first-message is ``n,[a=authzid],n=user,r=nonce`` (RFC 5802 section 7);
+    OAUTHBEARER's is ``n,a=user,^A...`` (RFC 7628 section 3.1). An authzid that differs from
+    the SCRAM user is a login acting for someone else: no single name, as for PLAIN.
+    """
+    fields = raw.split(b"\x01", 1)[0].split(b",")
+    values = {item[:2]: item[2:] for item in fields[1:] if item[1:2] == b"="}
+    return values.get(name + b"=")
+
+
+def _scram_user(raw: bytes) -> bytes | None:
+    user, authzid = _gs2_attribute(raw, b"n"), _gs2_attribute(raw, b"a")
+    if authzid and authzid != user:
+        return None
+    return user.replace(b"=2C", b",").replace(b"=3D", b"=") if user else None
+
+
+def _oauthbearer_user(raw: bytes) -> bytes | None:
+    user = _gs2_attribute(raw, b"a")
+    return user.replace(b"=2C", b",").replace(b"=3D", b"=") if user else None
+
+
+#: How to read the user name from the first client SASL message of each mechanism; the
+#: first message of any other mechanism (GSSAPI, NTLM, EXTERNAL...) names no user we can read.
 _SASL_USER_READERS = {
     "PLAIN": _plain_user,
     "LOGIN": lambda raw: raw,
     "CRAM-MD5": _cram_md5_user,
     "XOAUTH2": _xoauth2_user,
+    "OAUTHBEARER": _oauthbearer_user,
+    "SCRAM-SHA-1": _scram_user,
+    "SCRAM-SHA-1-PLUS": _scram_user,
+    "SCRAM-SHA-256": _scram_user,
+    "SCRAM-SHA-256-PLUS": _scram_user,
 }
 
 
@@ -335,7 +379,8 @@ class Pop3Conversation:
         hidden_capabilities: CAPA lines (by capability name) removed from what the client
             sees. Default: ``STLS``, because the client side is plaintext (RFC 2595 section 4).
         local_replies: verbs the proxy answers itself, mapped to the complete reply line.
-            Default: ``STLS`` answered with :data:`STLS_REFUSAL`.
+            Default: :data:`DEFAULT_LOCAL_REPLIES` (``STLS`` with :data:`STLS_REFUSAL`,
+            ``XCLIENT`` with :data:`XCLIENT_REFUSAL`).
         max_command_line: client command line limit, CRLF included (RFC 2449 section 4).
         max_sasl_line: limit for ``AUTH`` command lines and SASL continuation lines.
         max_status_line: limit for server status lines and CAPA lines.
@@ -354,7 +399,7 @@ class Pop3Conversation:
         max_pipelined: int | None = None,
     ) -> None:
         self._hidden = frozenset(c.upper() for c in hidden_capabilities)
-        replies = {"STLS": STLS_REFUSAL} if local_replies is None else local_replies
+        replies = DEFAULT_LOCAL_REPLIES if local_replies is None else local_replies
         self._local_replies = {verb.upper(): line for verb, line in replies.items()}
         self._max_command_line = max_command_line
         self._max_sasl_line = max_sasl_line
@@ -384,6 +429,8 @@ class Pop3Conversation:
         self._tail = b""
         self._held = b""
         self._to_server: list[tuple[int, bytes]] = []
+        #: Set by :meth:`forward_nothing_after`: the last command whose octets may go upstream.
+        self._last_forwarded: int | None = None
         self._to_client: list[bytes] = []
         self._broken = False
 
@@ -596,6 +643,21 @@ class Pop3Conversation:
         self._flush_local_replies(events)
         return events
 
+    def forward_nothing_after(self, command: Command) -> None:
+        """Send the server nothing the client sent after ``command``, now or later.
+
+        For a caller that ends the session once ``command`` is answered (a refused login):
+        a credential pipelined behind it (``USER bob`` refused, ``PASS ...`` in the same
+        read) must not leave the proxy. Octets of earlier commands still go, so their
+        replies, and the refusal in its place behind them, still reach the client.
+        """
+        self._last_forwarded = command.seq
+        self._to_server = [(seq, chunk) for seq, chunk in self._to_server if seq <= command.seq]
+
+    def _forward(self, seq: int, line: bytes) -> None:
+        if self._last_forwarded is None or seq <= self._last_forwarded:
+            self._to_server.append((seq, line))
+
     # ------------------------------------------------------------------ client side
 
     def _check_client_line(self, head: bytes, length: int) -> None:
@@ -640,7 +702,10 @@ class Pop3Conversation:
             if verb == "AUTH":
                 initial = command.args[1] if len(command.args) > 1 else None
                 pending.mechanism = first.upper()
-                pending.sasl_first = initial if isinstance(initial, Secret) else None
+                carries_data = isinstance(initial, Secret) and initial.reveal() != "="
+                pending.sasl_first = (
+                    initial if carries_data and isinstance(initial, Secret) else None
+                )
                 self._open_auth = pending
                 events.append(
                     SaslStarted(command, pending.mechanism, initial_response=initial is not None)
@@ -649,12 +714,14 @@ class Pop3Conversation:
             else:
                 self.user = first
                 events.append(UserNamed(command, first, verb))
-        self._to_server.append((command.seq, line))
+        self._forward(command.seq, line)
 
     def _name_sasl_user(self, auth: _Pending, events: list[Event]) -> None:
+        """The first SASL data is about to leave: say for whom, or that no name can be read."""
+        if auth.sasl_first is None:
+            return  # AUTH without an initial response: no credential yet
         user = _sasl_user(auth.mechanism or "", auth.sasl_first)
-        if user is not None:
-            events.append(UserNamed(auth.command, user, auth.mechanism or ""))
+        events.append(UserNamed(auth.command, user, auth.mechanism or ""))
 
     def _sasl_client_line(self, auth: _Pending, line: bytes, events: list[Event]) -> None:
         """A line the server asked for with a continuation request: base64, ``*`` to cancel.
@@ -675,8 +742,8 @@ class Pop3Conversation:
         auth.sasl_lines_sent += 1
         auth.sasl_cancelled = auth.sasl_cancelled or cancelled
         events.append(SaslResponse(auth.command, data, cancelled=cancelled))
-        self._to_server.append((auth.command.seq, line))
-        if auth.sasl_first is None and not cancelled:
+        self._forward(auth.command.seq, line)
+        if auth.sasl_first is None and not cancelled and body != _EMPTY_RESPONSE:
             auth.sasl_first = data
             self._name_sasl_user(auth, events)
 

@@ -263,14 +263,18 @@ class SaslEnded(Event):
 class UserNamed(Event):
     """The client named the user it wants to log in as, before its credential went upstream.
 
-    Reported for USER, APOP, and AUTH once the user name can be read from the SASL data (the
+    Reported for USER and APOP, and for AUTH with the first SASL data the client sends (the
     initial response, or the first continuation line). The caller may still refuse the
     login with :meth:`~pop3proxy.pop3.Pop3Conversation.answer_locally`. With AUTH LOGIN
     the name is the client's first line, unconfirmed: log it only once the login succeeded.
+
+    ``user`` is None when a credential is about to leave for a user the engine cannot read
+    (a mechanism such as GSSAPI or NTLM, a PLAIN login acting for someone else): a policy
+    bound to user names must then fail closed.
     """
 
     command: Command
-    user: str
+    user: str | None
     mechanism: str
 
 

@@ -241,12 +241,6 @@ PASSED = [
     ("noop-argument-hidden", b"NOOP s3cr3t\r\n", Command(1, "NOOP", (Secret(SECRET),)), None),
     ("retr-word-hidden", b"RETR s3cr3t\r\n", Command(1, "RETR", (Secret(SECRET),)), None),
     ("lang", b"LANG de-CH\r\n", Command(1, "LANG", ("de-CH",)), None),
-    (
-        "xclient-hidden",
-        b"XCLIENT ADDR=10.1.2.3\r\n",
-        Command(1, "XCLIENT", (Secret("ADDR=10.1.2.3"),)),
-        None,
-    ),
 ]
 
 
@@ -509,7 +503,7 @@ def test_every_server_reads_a_forwarded_line_as_the_engine_does(line: bytes) -> 
     if not upstream:
         return  # refused: no server reads it
     [command] = [e for e in events if isinstance(e, Command)]
-    named = [e.user for e in events if isinstance(e, UserNamed)]
+    named = [e.user for e in events if isinstance(e, UserNamed) and e.user is not None]
     for server in SERVERS:
         verb, args = server(line)
         # Wherever a server sees a verb the engine knows, the engine sees the same one.

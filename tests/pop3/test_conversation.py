@@ -16,6 +16,7 @@ from pop3proxy.pop3 import (
     MAX_SASL_LINE,
     MAX_STATUS_LINE,
     STLS_REFUSAL,
+    XCLIENT_REFUSAL,
     BodyChunk,
     BodyEnd,
     CapabilityLine,
@@ -278,10 +279,12 @@ def test_auth_without_argument_lists_mechanisms(split: Split) -> None:
     ("initial", "user"),
     [
         pytest.param(b"\0alice\0" + PASSWORD.encode(), "alice", id="no-authzid"),
-        pytest.param(b"admin\0alice\0" + PASSWORD.encode(), "alice", id="authzid"),
+        # Acting for another identity (a master user): no one name says who logs in.
+        pytest.param(b"admin\0alice\0" + PASSWORD.encode(), None, id="authzid"),
+        pytest.param(b"alice\0alice\0" + PASSWORD.encode(), "alice", id="same-authzid"),
     ],
 )
-def test_auth_plain_initial_response(split: Split, initial: bytes, user: str) -> None:
+def test_auth_plain_initial_response(split: Split, initial: bytes, user: str | None) -> None:
     transcript: Transcript = [
         ("S", GREETING),
         ("C", b"AUTH PLAIN " + b64(initial) + b"\r\n"),
@@ -801,6 +804,22 @@ def test_custom_local_reply() -> None:
             Command(1, "XCLIENT", (Secret("a=b"),)), err("not here", "SYS/PERM"), "local_verb"
         )
     ]
+
+
+def test_a_clients_xclient_is_refused_here_by_default(split: Split) -> None:
+    """A client must not tell the upstream its address is another one (Dovecot trusts the
+    proxy's address with XCLIENT): the line is answered here and its arguments hidden."""
+    transcript: Transcript = [
+        ("S", GREETING),
+        ("C", b"XCLIENT ADDR=10.9.9.9 PORT=110\r\nNOOP\r\n"),
+        ("S", b"+OK\r\n"),
+    ]
+    result = run_split(transcript, split)
+    assert result.upstream == b"NOOP\r\n"
+    assert result.downstream == GREETING + XCLIENT_REFUSAL + b"+OK\r\n"
+    [refused] = result.of_type(LocalReply)
+    assert (refused.command.verb, refused.reason) == ("XCLIENT", "local_verb")
+    assert refused.command.loggable_args() == ["***"]
 
 
 # ---------------------------------------------------------------------------- other commands

@@ -149,3 +149,67 @@ def test_a_waiting_client_is_still_held_to_the_line_limit(
     with pytest.raises(RemoteProtocolError) as raised:
         conversation.receive_client(b"x" * 17)
     assert "64" in raised.value.reason
+
+
+def test_nothing_behind_a_refused_login_is_forwarded() -> None:
+    """``USER bob`` refused, ``PASS`` in the same read: the password stays here, while the
+    lines of an earlier, allowed login still go (their replies come before the refusal)."""
+    conversation = greeted()
+    events = conversation.receive_client(
+        b"USER alice\r\nPASS alice-pw\r\nUSER bob\r\nPASS bob-pw\r\nSTAT\r\n"
+    )
+    [bob] = [e.command for e in events if isinstance(e, UserNamed) and e.user == "bob"]
+    conversation.answer_locally(bob, b"-ERR [AUTH] not from this network\r\n")
+    conversation.forward_nothing_after(bob)
+    assert conversation.take_upstream_bytes() == b"USER alice\r\nPASS alice-pw\r\n"
+    assert conversation.receive_client(b"PASS again\r\n") != []  # read, and still not sent
+    assert conversation.take_upstream_bytes() == b""
+    conversation.receive_server(b"+OK\r\n+OK logged in\r\n")
+    assert conversation.take_client_bytes() == (
+        b"+OK\r\n+OK logged in\r\n-ERR [AUTH] not from this network\r\n"
+    )
+
+
+def _scram_first(authzid: bytes, user: bytes) -> bytes:
+    return b64(b"n," + authzid + b",n=" + user + b",r=fyko+d2lbbFgONRv9qkxdawL")
+
+
+@pytest.mark.parametrize(
+    ("line", "user"),
+    [
+        pytest.param(b"AUTH GSSAPI " + b64(b"\x60\x82\x02\x00 kerberos") + b"\r\n", None,
+                     id="gssapi"),
+        pytest.param(b"AUTH NTLM " + b64(b"NTLMSSP\0\x01\0\0\0") + b"\r\n", None, id="ntlm"),
+        pytest.param(b"AUTH EXTERNAL " + b64(b"alice") + b"\r\n", None, id="external"),
+        pytest.param(b"AUTH PLAIN " + b64(b"admin\0alice\0pw") + b"\r\n", None,
+                     id="plain-acting-for-another"),
+        pytest.param(b"AUTH PLAIN " + b64(b"alice\0alice\0pw") + b"\r\n", "alice",
+                     id="plain-acting-for-itself"),
+        pytest.param(b"AUTH SCRAM-SHA-256 " + _scram_first(b"", b"alice") + b"\r\n", "alice",
+                     id="scram"),
+        pytest.param(b"AUTH SCRAM-SHA-1 " + _scram_first(b"", b"a=3Db=2Cc") + b"\r\n", "a=b,c",
+                     id="scram-escaped"),
+        pytest.param(b"AUTH SCRAM-SHA-256 " + _scram_first(b"a=admin", b"alice") + b"\r\n",
+                     None, id="scram-acting-for-another"),
+        pytest.param(b"AUTH OAUTHBEARER " + b64(b"n,a=alice@example.com,\x01host=x\x01auth="
+                                                b"Bearer tok\x01\x01") + b"\r\n",
+                     "alice@example.com", id="oauthbearer"),
+    ],
+)  # fmt: skip
+def test_every_first_sasl_message_names_its_user_or_says_it_cannot(
+    line: bytes, user: str | None
+) -> None:
+    """A user policy must never be skipped because a name could not be read: the credential
+    about to leave is always reported, with None for "cannot tell"."""
+    conversation = greeted()
+    [named] = [e for e in conversation.receive_client(line) if isinstance(e, UserNamed)]
+    assert named.user == user
+    assert conversation.take_upstream_bytes() == line  # still held for the relay to refuse
+
+
+def test_no_sasl_data_names_nobody_yet() -> None:
+    """Neither ``AUTH X`` alone nor an empty initial response (``=``) carries a credential."""
+    conversation = greeted()
+    for line in (b"AUTH GSSAPI\r\n", b"AUTH PLAIN =\r\n"):
+        assert not any(isinstance(e, UserNamed) for e in conversation.receive_client(line))
+        conversation.receive_server(b"-ERR no\r\n")
