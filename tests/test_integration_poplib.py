@@ -490,10 +490,17 @@ def test_pipelined_batch_is_byte_identical_to_direct(
     wire = b"".join(line.encode() + b"\r\n" for line, _ in batch)
     limit = 4 * sum(map(len, corpus)) + 65536
 
+    # The reference is the same commands sent to Dovecot one at a time: Dovecot itself drops
+    # the end of a reply still buffered when it reads a pipelined QUIT (about one direct
+    # pipelined session in 25 loses its last 21 octets; bench/README.md), so a pipelined
+    # direct session is no reference. The proxy holds QUIT until the replies before it are in.
     with raw_direct(dovecot) as tls:
         read_line(tls)
-        tls.sendall(wire)  # the whole batch in one write
-        direct_replies = read_until_eof(tls, limit)
+        direct = bytearray()
+        for line, multiline in batch:
+            tls.sendall(line.encode() + b"\r\n")
+            direct += read_multiline(tls, limit) if multiline else read_line(tls)
+        direct_replies = bytes(direct) + read_until_eof(tls, limit)
     with raw_proxy(proxy) as sock:
         session_id = session_of(proxy, sock)
         greeting = read_line(sock)
