@@ -69,6 +69,8 @@ PHASE_TIMEOUT = 120.0
 MAX_LINE = 64 * 1024
 
 RELAY_NAMES = ("stunnel", "pop3proxy", "pop3proxy-info", "streams-bare", "trio-bare")
+#: pop3proxy from another checkout (``--base-tree``), to compare two versions in one run.
+BASE_RELAY = "pop3proxy-base"
 BASELINE = "stunnel"
 
 
@@ -127,6 +129,9 @@ class Relay:
     port: int
     log_path: Path
     env: dict[str, str] | None = None
+    #: Where the relay runs: for ``pop3proxy-base``, the other checkout (``python -m``
+    #: imports the package of the working directory first).
+    cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -144,6 +149,7 @@ class Relay:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
+            cwd=self.cwd,
             start_new_session=True,
         )
         self._wait_ready()
@@ -244,7 +250,10 @@ def make_bare_trio(workdir: Path, dovecot: Dovecot, name: str) -> Relay:
     return Relay(name=name, argv=argv, port=port, log_path=workdir / f"{name}.log")
 
 
-def make_pop3proxy(workdir: Path, dovecot: Dovecot, name: str, log_level: str) -> Relay:
+def make_pop3proxy(
+    workdir: Path, dovecot: Dovecot, name: str, log_level: str, tree: Path | None = None
+) -> Relay:
+    """``pop3proxy serve`` as shipped; from the checkout ``tree`` when given."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("POP3PROXY_")}
     return Relay(
@@ -276,6 +285,7 @@ def make_pop3proxy(workdir: Path, dovecot: Dovecot, name: str, log_level: str) -
         port=port,
         log_path=workdir / f"{name}.log",
         env=env,
+        cwd=tree,
     )
 
 
@@ -510,12 +520,16 @@ def aggregate(results: Sequence[RoundResult]) -> dict[str, float]:
 def render_table(summary: dict[str, dict[str, float]]) -> str:
     relays = list(summary)
     others = [name for name in relays if name != BASELINE] if BASELINE in summary else []
-    header = ["metric", *relays, *(f"{name}/{BASELINE}" for name in others)]
+    # Each relay against stunnel; and this checkout against the other one, when both ran.
+    pairs = [(name, BASELINE) for name in others]
+    if "pop3proxy" in summary and BASE_RELAY in summary:
+        pairs.append(("pop3proxy", BASE_RELAY))
+    header = ["metric", *relays, *(f"{name}/{base}" for name, base in pairs)]
     rows = [header]
     for key, label, fmt in METRICS:
         row = [label, *(fmt.format(summary[name][key]) for name in relays)]
-        for name in others:
-            base = summary[BASELINE][key]
+        for name, base_name in pairs:
+            base = summary[base_name][key]
             row.append(f"{summary[name][key] / base:.2f}x" if base else "n/a")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -561,6 +575,18 @@ def tool_versions() -> dict[str, str]:
     }
 
 
+def make_relay(name: str, workdir: Path, dovecot: Dovecot, base_tree: Path | None) -> Relay:
+    """The relay called ``name`` (one of :data:`RELAY_NAMES`, or :data:`BASE_RELAY`)."""
+    if name == "stunnel":
+        return make_stunnel(workdir, dovecot)
+    if name in {"trio-bare", "streams-bare"}:
+        return make_bare_trio(workdir, dovecot, name)
+    if name == BASE_RELAY:
+        return make_pop3proxy(workdir, dovecot, name, "warning", base_tree)
+    level = "info" if name.endswith("-info") else "warning"
+    return make_pop3proxy(workdir, dovecot, name, level)
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     sizes = Sizes.quick() if args.quick else Sizes.full()
     sizes = Sizes(
@@ -574,6 +600,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     unknown = sorted(set(names) - set(RELAY_NAMES))
     if unknown or not names:
         raise BenchError(f"--relays: unknown {unknown}; choose from {', '.join(RELAY_NAMES)}")
+    if args.base_tree is not None:
+        if not (args.base_tree / "pop3proxy" / "__main__.py").is_file():
+            raise BenchError(f"--base-tree: {args.base_tree} is not a pop3proxy checkout")
+        names.append(BASE_RELAY)
 
     log(f"building a {sizes.message_bytes / MIB:.0f} MiB test message ...")
     message = make_message(sizes.message_bytes, subject="relay benchmark")
@@ -588,14 +618,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             dovecot.add_user(BULK_USER, BULK_PASSWORD, [message])
             dovecot.add_user(LOGIN_USER, LOGIN_PASSWORD, [])
             log(f"dovecot listening on 127.0.0.1:{dovecot.port}")
-            for name in names:
-                if name == "stunnel":
-                    relays.append(make_stunnel(workdir, dovecot))
-                elif name in {"trio-bare", "streams-bare"}:
-                    relays.append(make_bare_trio(workdir, dovecot, name))
-                else:
-                    level = "info" if name.endswith("-info") else "warning"
-                    relays.append(make_pop3proxy(workdir, dovecot, name, level))
+            relays.extend(make_relay(name, workdir, dovecot, args.base_tree) for name in names)
             for relay in relays:
                 relay.start()
                 log(f"{relay.name} (pid {relay.pid}) listening on 127.0.0.1:{relay.port}")
@@ -663,6 +686,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--message-mib", type=float, help="size of the RETR message in MiB")
     parser.add_argument("--noops", type=int, help="NOOPs per relay and round (default 5000)")
     parser.add_argument("--sessions", type=int, help="sessions per relay and round (default 200)")
+    parser.add_argument(
+        "--base-tree",
+        type=Path,
+        help=f"also run pop3proxy from this other checkout as {BASE_RELAY!r} (e.g. a "
+        "`git worktree add` of an earlier commit), interleaved with the rest",
+    )
     parser.add_argument(
         "--check",
         action="store_true",
