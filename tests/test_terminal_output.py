@@ -1,17 +1,20 @@
 """What reaches an operator's terminal: control characters from clients and servers escaped.
 
 User names, command arguments, greetings and server replies are controlled by whoever is at
-the other end of a connection. ``--log-format console``, ``check`` (and ``report`` and
-``watch``, tested with them) show them escaped, so no ESC sequence reaches the terminal;
+the other end of a connection. ``--log-format console``, ``check``, ``healthcheck`` (and
+``report`` and ``watch``, tested with them) show them escaped, so no ESC sequence reaches the
+terminal;
 the JSON log needs nothing (``json.dumps`` escapes control characters).
 """
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import pytest
 import structlog
 
 from pop3proxy import logs
+from pop3proxy.admin import healthcheck
+from pop3proxy.config import Endpoint
 from pop3proxy.migration import check
 from pop3proxy.terminal import printable
 
@@ -134,3 +139,30 @@ def test_check_password_file_errors_never_echo_the_value(tmp_path: Path) -> None
     latin.write_bytes(b"caf\xe9\n")
     with pytest.raises(check.UsageError, match=r"--password-file: not UTF-8$"):
         check.read_password(str(latin))
+
+
+def test_healthcheck_escapes_what_readyz_relays_from_the_upstream() -> None:
+    """``/readyz`` carries the upstream's or the verifier's own words in ``error``."""
+    body = json.dumps({"ready": False, "reason": "bad_greeting", "error": HOSTILE}).encode()
+
+    class NotReady(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotReady) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        out = io.StringIO()
+        try:
+            status = healthcheck.check(Endpoint("127.0.0.1", server.server_address[1]), out=out)
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)
+    assert status == healthcheck.EXIT_NOT_READY
+    assert out.getvalue() == f"not ready: HTTP 503 bad_greeting: {ESCAPED}\n"

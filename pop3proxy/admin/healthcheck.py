@@ -18,6 +18,7 @@ from typing import TextIO
 
 from pop3proxy.admin.auth import AdminToken
 from pop3proxy.config import Endpoint
+from pop3proxy.terminal import printable
 
 __all__ = ["EXIT_NOT_READY", "EXIT_READY", "base_url", "check", "connect_host"]
 
@@ -58,7 +59,7 @@ def check(
         response = connection.getresponse()
         body = response.read(64 * 1024)
     except (OSError, http.client.HTTPException) as exc:
-        print(f"not ready: {url}: {exc or type(exc).__name__}", file=out)
+        print(printable(f"not ready: {url}: {exc or type(exc).__name__}"), file=out)
         return EXIT_NOT_READY
     finally:
         connection.close()
@@ -72,9 +73,11 @@ def check(
         # Without the proxy's token (when it has one), /readyz tells no more than "ready".
         upstream = detail.get("upstream")
         where = f": upstream {upstream} ({detail.get('tls_version')})" if upstream else ""
-        print(f"ready{where}", file=out)
+        print(printable(f"ready{where}"), file=out)
         return EXIT_READY
     reason = detail.get("reason") or response.reason
     error = detail.get("error")
-    print(f"not ready: HTTP {response.status} {reason}" + (f": {error}" if error else ""), file=out)
+    # The error is the upstream's or the verifier's own words: never raw to a terminal.
+    text = f"not ready: HTTP {response.status} {reason}" + (f": {error}" if error else "")
+    print(printable(text), file=out)
     return EXIT_NOT_READY
