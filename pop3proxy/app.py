@@ -110,6 +110,21 @@ def policies(settings: Settings) -> list[Policy]:
     return [rules] if len(rules) else []
 
 
+#: Settings read once at start (the listener, the admin endpoint, the inventory service,
+#: logging, the pseudonym transform): a reload that changes one keeps the running value and
+#: says so, instead of seeming to apply it. ``listen`` has its own event.
+RESTART_ONLY = (
+    "admin",
+    "state_dir",
+    "inventory",
+    "inventory_flush_interval",
+    "user_pseudonym_key_file",
+    "user_pseudonym_key",
+    "log_level",
+    "log_format",
+)
+
+
 class _Drain:
     """Signal handling: graceful drain on SIGTERM/SIGINT, reload on SIGHUP."""
 
@@ -174,6 +189,15 @@ class _Drain:
                 note="a new listen address needs a restart",
             )
             new = dataclasses.replace(new, listen=old.listen)
+        changed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        if changed:
+            # Named, never shown: a key or its file name is a secret.
+            _log.warning(
+                "reload.restart_needed",
+                settings=changed,
+                note="these take effect at the next start; the running ones are kept",
+            )
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in changed})
         if new.max_sessions > old.max_sessions:
             ensure_fd_limit(new)
         self.proxy.reconfigure(new, tls, rules)

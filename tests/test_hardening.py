@@ -658,3 +658,26 @@ def test_sighup_reloads_the_allow_list_for_new_sessions_only(
         proxy.send_signal(signal.SIGHUP)
         proxy.wait_for_event("reload.failed")
         fresh_session_works(proxy, box)
+
+
+def test_sighup_keeps_and_names_the_settings_only_a_restart_changes(
+    tmp_path: Path, dovecot: Dovecot, mailbox: MailboxFactory
+) -> None:
+    """A reload must not seem to apply what it cannot: the log level is set up once at start
+    (so are the inventory, the admin endpoint and the pseudonym key)."""
+    box = mailbox([])
+    config = write_config(tmp_path / "pop3proxy.toml", ["127.0.0.1/32"])
+    with started_proxy(tmp_path, dovecot, config=config) as proxy:
+        config.write_text(config.read_text() + 'log_level = "debug"\n')
+        proxy.send_signal(signal.SIGHUP)
+        warning = proxy.wait_for_event("reload.restart_needed")
+        assert warning["settings"] == ["log_level"]
+        proxy.wait_for_event("reload.done")
+        client = Client(proxy)
+        client.login(box)
+        assert client.command("QUIT").startswith(b"+OK")
+        client.close()
+        closed = session_closed(proxy, client)
+        events = {e["event"] for e in proxy.session_events(str(closed["session_id"]))}
+        assert "pop3.greeting" not in events  # a debug line: the level in force is still info
+        assert "pop3.login" in events
