@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-import ipaddress
 from collections import Counter, deque
 from collections.abc import Sequence
 
+from pop3proxy.addresses import client_ip
 from pop3proxy.config import Settings
 from pop3proxy.policy import ALLOW, IPAddress, Policy, Verdict, combine
 
@@ -44,14 +44,6 @@ REFUSE_USER_UNKNOWN = (
 
 #: Failed logins of an address (within the window) that cost no delay: a typo is free.
 FREE_FAILURES = 2
-
-
-def client_ip(host: str) -> IPAddress:
-    """The client's address, with IPv4-mapped IPv6 (``::ffff:10.1.2.3``) unwrapped."""
-    address = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 class Gatekeeper:

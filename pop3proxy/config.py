@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from pop3proxy.addresses import bracket_host
 from pop3proxy.admin.auth import AdminToken, parse_admin_token, parse_admin_token_file
 from pop3proxy.migration.pseudonym import (
     PseudonymKey,
@@ -534,8 +535,7 @@ class Endpoint:
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{bracket_host(self.host)}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from pop3proxy.addresses import IPAddress
+
 __all__ = ["ALLOW", "IPAddress", "Network", "Policy", "Verdict", "combine", "parse_networks"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

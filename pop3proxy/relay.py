@@ -32,7 +32,8 @@ from typing import Any
 import structlog
 import trio
 
-from pop3proxy.admission import Gatekeeper, client_ip
+from pop3proxy.addresses import client_ip, format_address
+from pop3proxy.admission import Gatekeeper
 from pop3proxy.config import Settings
 from pop3proxy.policy import IPAddress, Policy, Verdict
 from pop3proxy.pop3 import (
@@ -92,11 +93,6 @@ DEADLINE_GOODBYES = {
     "command_timeout": "-ERR [SYS/TEMP] command line not completed within {:g} s, closing",
     "close_timeout": "-ERR [SYS/TEMP] the mail server did not answer within {:g} s, closing",
 }
-
-
-def format_address(sockaddr: Any) -> str:
-    host, port = sockaddr[0], sockaddr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(slots=True)

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 import structlog
 import trio
 
+from pop3proxy.addresses import format_address
 from pop3proxy.config import Settings
 from pop3proxy.policy import Policy, Verdict
-from pop3proxy.relay import OUT_OF_RESOURCES, Proxy, format_address
+from pop3proxy.relay import OUT_OF_RESOURCES, Proxy
 from pop3proxy.telemetry import Telemetry
 from pop3proxy.tls import make_upstream_context
 

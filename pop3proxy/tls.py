@@ -19,6 +19,7 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
+from pop3proxy.addresses import bracket_host
 from pop3proxy.streams import SocketStream, TLSStream
 
 __all__ = [
@@ -150,7 +151,7 @@ async def open_upstream(
         ) from None
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tls)
-        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        server = f"{bracket_host(host)}:{port}"
         reason, message = _handshake_reason(exc.__cause__, transport.first, server)
         raise UpstreamError("handshake", reason, message) from None
     except BaseException:

@@ -8,7 +8,8 @@ import ipaddress
 
 import pytest
 
-from pop3proxy.admission import Gatekeeper, client_ip
+from pop3proxy.addresses import bracket_host, client_ip, format_address, host_of
+from pop3proxy.admission import Gatekeeper
 from pop3proxy.config import DEFAULT_ALLOW, Settings, load_settings
 from pop3proxy.policy import IPAddress, Verdict
 
@@ -161,3 +162,15 @@ def test_a_login_whose_user_cannot_be_read_fails_closed_under_user_bindings() ->
     # The budgets still apply to an unreadable name.
     exhausted = free.check_login(ip("10.9.1.1"), None, session_failures=3, monotonic=0.0, now=NOW)
     assert exhausted.reason == "session_login_failures"
+
+
+def test_addresses_are_written_and_read_back_in_one_spelling() -> None:
+    assert format_address(("::1", 110, 0, 0)) == "[::1]:110"
+    assert format_address(("127.0.0.1", 110)) == "127.0.0.1:110"
+    assert bracket_host("fe80::1") == "[fe80::1]"
+    assert bracket_host("mail.example") == "mail.example"
+    for written in ("[::1]:110", "127.0.0.1:110"):
+        assert host_of(written) in ("::1", "127.0.0.1")
+    assert host_of("unknown") is None
+    assert host_of("") is None
+    assert host_of(None) is None

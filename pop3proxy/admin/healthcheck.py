@@ -16,6 +16,7 @@ import json
 import sys
 from typing import TextIO
 
+from pop3proxy.addresses import bracket_host
 from pop3proxy.admin.auth import AdminToken
 from pop3proxy.config import Endpoint
 from pop3proxy.terminal import printable
@@ -37,7 +38,7 @@ def connect_host(endpoint: Endpoint) -> str:
 def base_url(endpoint: Endpoint, scheme: str = "http") -> str:
     """``http://HOST:PORT`` of the admin endpoint, as a local client reaches it."""
     host = connect_host(endpoint)
-    host = f"[{host}]" if ":" in host else host
+    host = bracket_host(host)
     return f"{scheme}://{host}:{endpoint.port}"
 
 

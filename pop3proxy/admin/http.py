@@ -54,6 +54,7 @@ import trio
 import trio_websocket
 
 from pop3proxy import __version__
+from pop3proxy.addresses import format_address
 from pop3proxy.admin.auth import AdminToken, trusted_host
 from pop3proxy.admin.feed import Feed
 from pop3proxy.admin.metrics import Metrics
@@ -656,11 +657,6 @@ def _peer(stream: trio.SocketStream) -> str | None:
         return None
 
 
-def _format_address(sockaddr: Any) -> str:
-    host, port = sockaddr[0], sockaddr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def admin_service(
     ctx: AppContext, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -709,7 +705,7 @@ async def admin_service(
         exposed = []
         for listener in listeners:
             sockname = listener.socket.getsockname()
-            address = _format_address(sockname)
+            address = format_address(sockname)
             if not _is_loopback(sockname[0]):
                 exposed.append(address)
             log.info(

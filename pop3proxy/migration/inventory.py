@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 import trio
 
+from pop3proxy.addresses import host_of
 from pop3proxy.migration.pseudonym import Pseudonymizer
 
 if TYPE_CHECKING:
@@ -341,14 +342,6 @@ class _Session:
     last_rule: str | None = None
 
 
-def _client_ip(text: object) -> str | None:
-    """``"10.0.0.1:4321"`` → ``"10.0.0.1"``; ``"[::1]:4321"`` → ``"::1"``."""
-    if not isinstance(text, str) or not text or text == "unknown":
-        return None
-    host = text.rpartition(":")[0] if text.count(":") == 1 or text.startswith("[") else text
-    return host.strip("[]") or None
-
-
 class Inventory:
     """The telemetry sink half: O(1) updates of bounded in-memory aggregates.
 
@@ -446,7 +439,7 @@ class Inventory:
             daily[day_key] = daily.get(day_key, 0) + 1
 
     def _opened(self, session_id: str, fields: Mapping[str, Any]) -> None:
-        client = _client_ip(fields.get("client"))
+        client = host_of(fields.get("client"))
         if client is None:
             return
         sessions = self.sessions
